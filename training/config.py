@@ -1,0 +1,89 @@
+"""The training configuration: one dataclass, with per-method defaults from the papers.
+
+Defaults follow the short-budget practice of the lightly CIFAR-10 / Imagenette benchmarks
+(SGD, lr 0.06 x batch/128, momentum 0.9, weight decay 5e-4, cosine), which suits the small
+batches of a CPU or a single GPU better than the papers' large-batch LARS recipes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# Per-method head sizes: the CIFAR / small-budget configurations of the reference code.
+HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "barlow_twins": {"proj_dims": (2048, 2048, 2048)},
+    "byol": {"proj_hidden_dim": 4096, "proj_dim": 256, "pred_hidden_dim": 4096},
+    "simsiam": {"proj_dim": 2048, "pred_hidden_dim": 512},
+}
+
+
+@dataclass
+class TrainConfig:
+    method: str = "simsiam"  # barlow_twins | byol | simsiam
+    data: str = ""  # class-per-folder DIR (with train/ and val/ or test/), or torchvision:cifar10
+    data_root: str = "data"  # where torchvision:cifar10 lives
+    download: bool = False  # let torchvision download CIFAR-10 (needs the internet)
+    in_memory: bool = False  # decode the dataset once into RAM (small datasets)
+    holdout_fraction: float = 0.1  # held out for monitoring when DIR has no val/ or test/
+    backbone: str = "resnet18"
+    cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (32x32 images)
+    image_size: int = 128  # training crop and evaluation input size
+    eval_resize: int | None = None  # shorter side before the centre crop at evaluation (default image_size)
+    epochs: int = 100
+    batch_size: int = 128  # global, over all ranks
+    optimizer: str = "sgd"  # sgd | lars
+    lr: float | None = None  # default: 0.06 x batch_size / 128 (sgd), 0.2 x batch_size / 256 (lars)
+    momentum: float = 0.9
+    weight_decay: float | None = None  # default: 5e-4 (sgd), 1.5e-6 (lars)
+    warmup_epochs: float | None = None  # default: 0 for SimSiam, else min(10, 10% of epochs)
+    lambd: float = 0.0051  # Barlow Twins off-diagonal weight
+    tau_base: float = 0.99  # BYOL's initial EMA decay (0.996 for long runs)
+    proj_dims: tuple[int, ...] | None = None  # Barlow Twins projector layers
+    proj_hidden_dim: int | None = None  # BYOL projector hidden size
+    proj_dim: int | None = None  # BYOL/SimSiam projection size
+    pred_hidden_dim: int | None = None  # BYOL/SimSiam predictor hidden size
+    precision: str = "auto"  # auto (bf16 on CPU and on CUDA where supported, else fp16) | bf16 | fp16 | fp32
+    channels_last: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # intra-op threads of the training process (default: all cores)
+    workers: int = 2  # data-loading processes per rank
+    eval_every: int = 1  # epochs between kNN evaluations (0: never)
+    eval_at_start: bool = False  # also evaluate the random initialisation
+    knn_ks: tuple[int, ...] = (20, 200)
+    knn_temperature: float = 0.07
+    out: str = "runs/run"
+    seed: int = 0
+    ckpt_every_steps: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    stop_after_steps: int | None = None  # stop (with a checkpoint) after N steps, as if interrupted
+    log_every: int = 10  # steps between metric lines
+    collapse_threshold: float = 0.02  # stop when the embedding spread stays below this (0: off)
+    collapse_patience: int = 50  # ... for this many consecutive steps
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every `None` default filled in for this method and optimizer."""
+        c = TrainConfig(**asdict(self))
+        if c.method not in HEAD_DEFAULTS:
+            raise ValueError(f"unknown method {c.method!r}: choose one of {', '.join(HEAD_DEFAULTS)}")
+        for k, v in HEAD_DEFAULTS[c.method].items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        if c.lr is None:
+            c.lr = 0.06 * c.batch_size / 128 if c.optimizer == "sgd" else 0.2 * c.batch_size / 256
+        if c.weight_decay is None:
+            c.weight_decay = 5e-4 if c.optimizer == "sgd" else 1.5e-6
+        if c.warmup_epochs is None:
+            c.warmup_epochs = 0.0 if c.method == "simsiam" else min(10.0, 0.1 * c.epochs)
+        if c.eval_resize is None:
+            c.eval_resize = c.image_size
+        c.knn_ks = tuple(c.knn_ks)
+        if c.proj_dims is not None:
+            c.proj_dims = tuple(c.proj_dims)
+        return c
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

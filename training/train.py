@@ -1,0 +1,119 @@
+"""Command line: `python -m training.train --method simsiam --data DIR [options]`.
+
+Distributed: `torchrun --nproc-per-node N -m training.train ...` (gloo on the CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from training.config import TrainConfig
+from training.methods import METHODS
+from training.trainer import Trainer, TrainingStopped
+
+HELP = {
+    "method": "self-supervised method",
+    "data": "class-per-folder image directory (uses its train/ and val/ or test/ when present, "
+    "else holds out --holdout-fraction), or torchvision:cifar10",
+    "data_root": "directory of torchvision's CIFAR-10 (with --data torchvision:cifar10)",
+    "download": "let torchvision download CIFAR-10 into --data-root (needs the internet)",
+    "in_memory": "decode every image once into memory (small datasets: ~0.7 GB for Imagenette-160)",
+    "holdout_fraction": "fraction of each class held out for monitoring when DIR has no val/ or test/",
+    "backbone": "torchvision model name (resnet18, resnet50, ...), classifier removed",
+    "cifar_stem": "ResNet stem for 32x32 images: 3x3 stride-1 first conv and no max-pool",
+    "image_size": "training crop size and evaluation input size, in pixels",
+    "eval_resize": "shorter side before the centre crop at evaluation (default: --image-size)",
+    "epochs": "number of epochs (the schedule spans all of them)",
+    "batch_size": "global batch size, split over the ranks",
+    "optimizer": "sgd (short-budget default) or lars (the papers' large-batch optimizer)",
+    "lr": "peak learning rate (default: 0.06 x batch/128 for sgd, 0.2 x batch/256 for lars)",
+    "momentum": "SGD/LARS momentum",
+    "weight_decay": "weight decay, never on biases and norm parameters (default: 5e-4 sgd, 1.5e-6 lars)",
+    "warmup_epochs": "linear warm-up before the cosine decay (default: 0 for simsiam, else min(10, 10%% of epochs))",
+    "lambd": "Barlow Twins weight of the off-diagonal term",
+    "tau_base": "BYOL initial EMA decay, raised to 1 by a cosine schedule",
+    "proj_dims": "Barlow Twins projector layer sizes (default 2048 2048 2048)",
+    "proj_hidden_dim": "BYOL projector hidden size (default 4096)",
+    "proj_dim": "projection size (default: BYOL 256, SimSiam 2048)",
+    "pred_hidden_dim": "predictor hidden size (default: BYOL 4096, SimSiam 512)",
+    "precision": "autocast: auto (bf16; fp16 on CUDA without bf16), bf16, fp16 or fp32",
+    "channels_last": "NHWC memory format for the convolutions",
+    "device": "auto (CUDA when available), cpu or cuda",
+    "threads": "intra-op threads of the training process (default: all cores)",
+    "workers": "data-loading worker processes per rank (0: load in the training process)",
+    "eval_every": "epochs between kNN evaluations on the held-out split (0: never)",
+    "eval_at_start": "also evaluate the random initialisation before training",
+    "knn_ks": "k values of the weighted kNN monitor",
+    "knn_temperature": "temperature T of the kNN votes exp(sim/T)",
+    "out": "run directory: checkpoint.pt, metrics.jsonl, summary.json",
+    "seed": "seed of the initialisation, the split, the data order and the augmentations",
+    "ckpt_every_steps": "also write the checkpoint every N steps (0: at the end of each epoch only)",
+    "stop_after_steps": "stop after N steps with a checkpoint, as if interrupted (resume with --resume)",
+    "log_every": "steps between metric lines in metrics.jsonl",
+    "collapse_threshold": "stop when the embedding spread (per-dim std of normalized z x sqrt(D)) stays below this; 0: off",
+    "collapse_patience": "consecutive steps below --collapse-threshold before stopping",
+    "progress": "show the progress bar",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Train an image encoder without labels (Barlow Twins, BYOL or SimSiam).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kwargs: dict = {"help": HELP[f.name], "default": default, "dest": f.name}
+        if f.name == "method":
+            kwargs["choices"] = METHODS
+        elif f.name in ("optimizer",):
+            kwargs["choices"] = ("sgd", "lars")
+        elif f.name == "precision":
+            kwargs["choices"] = ("auto", "bf16", "fp16", "fp32")
+        elif f.name == "device":
+            kwargs["choices"] = ("auto", "cpu", "cuda")
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name in ("knn_ks", "proj_dims"):
+            kwargs.update(type=int, nargs="+")
+        elif f.type in ("int", "int | None") or isinstance(default, int):
+            kwargs["type"] = int
+        elif f.type in ("float", "float | None") or isinstance(default, float):
+            kwargs["type"] = float
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue a stopped run exactly (model, teacher, optimizer, schedule, step, RNG); "
+                   "without a path, OUT/checkpoint.pt")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resume = args.__dict__.pop("resume")
+    cfg = TrainConfig(**vars(args))
+    if resume == "auto":
+        resume = f"{cfg.out}/checkpoint.pt"
+    if resume is None and not cfg.data:
+        print("error: --data is required (a class-per-folder directory, or torchvision:cifar10)", file=sys.stderr)
+        return 2
+    try:
+        summary = Trainer(cfg, resume=resume).fit()
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
