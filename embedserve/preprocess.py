@@ -41,11 +41,15 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {self.interpolation!r} not in {sorted(INTERPOLATIONS)}")
+            raise ValueError(
+                f"interpolation {self.interpolation!r} not in {sorted(INTERPOLATIONS)}"
+            )
         if min(self.resize, self.crop_height, self.crop_width) <= 0:
             raise ValueError("resize and crop sizes must be positive")
         if self.resize < min(self.crop_height, self.crop_width):
-            raise ValueError(f"resize {self.resize} is smaller than the crop {self.crop_height}x{self.crop_width}")
+            raise ValueError(
+                f"resize {self.resize} is smaller than the crop {self.crop_height}x{self.crop_width}"
+            )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -58,7 +62,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if img.mode == "F":
             hi = max(float(arr.max(initial=0)), 1.0) if arr.max(initial=0) > 1 else 1.0
         arr8 = np.clip(np.rint(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
+        return Image.fromarray(arr8).convert("RGB")  # 2-D uint8 -> mode L
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "La", "PA", "RGBa"):
@@ -110,7 +114,9 @@ def resize_center_crop(img: Image.Image, pre: Preprocess) -> np.ndarray:
     return np.array(img, dtype=np.uint8)  # a writable copy, owned by the caller
 
 
-def preprocess(data: bytes | str | os.PathLike | Image.Image | np.ndarray, pre: Preprocess) -> np.ndarray:
+def preprocess(
+    data: bytes | str | os.PathLike | Image.Image | np.ndarray, pre: Preprocess
+) -> np.ndarray:
     """One image (bytes, path, PIL image or uint8 HWC array) -> uint8 HxWx3 model input."""
     if isinstance(data, np.ndarray):
         img = to_rgb(Image.fromarray(data))
@@ -123,4 +129,8 @@ def preprocess(data: bytes | str | os.PathLike | Image.Image | np.ndarray, pre: 
 
 def preprocess_batch(items, pre: Preprocess) -> np.ndarray:
     """A list of images -> uint8 NHWC batch."""
-    return np.stack([preprocess(x, pre) for x in items]) if items else np.zeros((0, pre.crop_height, pre.crop_width, 3), np.uint8)
+    return (
+        np.stack([preprocess(x, pre) for x in items])
+        if items
+        else np.zeros((0, pre.crop_height, pre.crop_width, 3), np.uint8)
+    )

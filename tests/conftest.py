@@ -25,7 +25,9 @@ def make_pattern(label: int, num_classes: int, size: int, rng: np.random.Generat
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def write_image_folder(root: Path, num_classes: int = 4, per_class: int = 16, size: int = 40, seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path, num_classes: int = 4, per_class: int = 16, size: int = 40, seed: int = 0
+) -> Path:
     """A class-per-folder directory of PNG patterns."""
     rng = np.random.default_rng(seed)
     for c in range(num_classes):

@@ -17,7 +17,12 @@ class ViewSpec:
     """The random augmentation of one view."""
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] = (
+        0.4,
+        0.4,
+        0.2,
+        0.1,
+    )  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0

@@ -1,6 +1,6 @@
 """Backbones from torchvision by name, with the classifier removed.
 
-    backbone, feature_dim = create_backbone("resnet18", cifar_stem=True)
+backbone, feature_dim = create_backbone("resnet18", cifar_stem=True)
 """
 
 from __future__ import annotations
@@ -16,12 +16,18 @@ def _strip_classifier(model: nn.Module) -> int:
         layer = getattr(model, attr, None)
         if layer is None:
             continue
-        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)] if not isinstance(layer, nn.Linear) else [layer]
+        linears = (
+            [m for m in layer.modules() if isinstance(m, nn.Linear)]
+            if not isinstance(layer, nn.Linear)
+            else [layer]
+        )
         if not linears:
             continue
         setattr(model, attr, nn.Identity())
         return linears[0].in_features
-    raise ValueError(f"{type(model).__name__}: no classifier layer (fc, head, heads, classifier) found")
+    raise ValueError(
+        f"{type(model).__name__}: no classifier layer (fc, head, heads, classifier) found"
+    )
 
 
 def create_backbone(name: str = "resnet18", cifar_stem: bool = False) -> tuple[nn.Module, int]:

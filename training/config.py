@@ -29,7 +29,9 @@ class TrainConfig:
     backbone: str = "resnet18"
     cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (32x32 images)
     image_size: int = 128  # training crop and evaluation input size
-    eval_resize: int | None = None  # shorter side before the centre crop at evaluation (default image_size)
+    eval_resize: int | None = (
+        None  # shorter side before the centre crop at evaluation (default image_size)
+    )
     epochs: int = 100
     batch_size: int = 128  # global, over all ranks
     optimizer: str = "sgd"  # sgd | lars
@@ -43,7 +45,9 @@ class TrainConfig:
     proj_hidden_dim: int | None = None  # BYOL projector hidden size
     proj_dim: int | None = None  # BYOL/SimSiam projection size
     pred_hidden_dim: int | None = None  # BYOL/SimSiam predictor hidden size
-    precision: str = "auto"  # auto (bf16 on CPU and on CUDA where supported, else fp16) | bf16 | fp16 | fp32
+    precision: str = (
+        "auto"  # auto (bf16 on CPU and on CUDA where supported, else fp16) | bf16 | fp16 | fp32
+    )
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # intra-op threads of the training process (default: all cores)
@@ -66,7 +70,9 @@ class TrainConfig:
         """A copy with every `None` default filled in for this method and optimizer."""
         c = TrainConfig(**asdict(self))
         if c.method not in HEAD_DEFAULTS:
-            raise ValueError(f"unknown method {c.method!r}: choose one of {', '.join(HEAD_DEFAULTS)}")
+            raise ValueError(
+                f"unknown method {c.method!r}: choose one of {', '.join(HEAD_DEFAULTS)}"
+            )
         for k, v in HEAD_DEFAULTS[c.method].items():
             if getattr(c, k) is None:
                 setattr(c, k, v)

@@ -39,7 +39,9 @@ class Samples:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> Samples:
-        items = self.items[idx] if isinstance(self.items, np.ndarray) else [self.items[i] for i in idx]
+        items = (
+            self.items[idx] if isinstance(self.items, np.ndarray) else [self.items[i] for i in idx]
+        )
         return Samples(items, self.labels[idx], self.classes)
 
 
@@ -73,13 +75,23 @@ def load_into_memory(samples: Samples, workers: int = 4, desc: str = "decoding")
     if isinstance(samples.items, np.ndarray):
         return samples
     with ThreadPoolExecutor(workers) as pool:
-        arrays = list(tqdm(pool.map(_decode_rgb, samples.items), total=len(samples), desc=desc, unit="img", leave=False))
+        arrays = list(
+            tqdm(
+                pool.map(_decode_rgb, samples.items),
+                total=len(samples),
+                desc=desc,
+                unit="img",
+                leave=False,
+            )
+        )
     if len({a.shape for a in arrays}) == 1:
         return Samples(np.stack(arrays), samples.labels, samples.classes)
     return Samples(arrays, samples.labels, samples.classes)
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held_out): `fraction` of each class held out, chosen by `seed`."""
     rng = np.random.default_rng(seed)
     train, held = [], []
@@ -97,12 +109,18 @@ def _torchvision_cifar10(root: str, download: bool) -> tuple[Samples, Samples]:
     splits = []
     for train in (True, False):
         ds = CIFAR10(root, train=train, download=download)
-        splits.append(Samples(np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64), list(ds.classes)))
+        splits.append(
+            Samples(np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64), list(ds.classes))
+        )
     return splits[0], splits[1]
 
 
 def load_splits(
-    data: str, holdout_fraction: float = 0.1, seed: int = 0, data_root: str = "data", download: bool = False
+    data: str,
+    holdout_fraction: float = 0.1,
+    seed: int = 0,
+    data_root: str = "data",
+    download: bool = False,
 ) -> tuple[Samples, Samples]:
     """(train, held-out) samples for `--data`."""
     if data == "torchvision:cifar10":
@@ -156,7 +174,9 @@ class EvalDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         arr = preprocess(self.samples.items[i], self.pre)  # HxWx3 uint8
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), int(self.samples.labels[i])
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), int(
+            self.samples.labels[i]
+        )
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -166,8 +186,16 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     the same number of steps.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+    def __init__(
+        self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = (
+            n,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+        )
         self.epoch, self.start_step = 0, 0
         self.steps_per_epoch = n // world_size // batch_size
         if self.steps_per_epoch == 0:

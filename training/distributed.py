@@ -29,6 +29,21 @@ class DistInfo:
         return self.world_size > 1
 
 
+def autograd_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable: the backward pass sums the gradients over ranks too.
+
+    (torch marks `torch.distributed.nn.functional.all_reduce` as deprecated in favour of a private
+    module without autograd support; it is still the public autograd-aware collective.)
+    """
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(t)
+
+
 def init_from_env(device: torch.device) -> DistInfo:
     """Join the process group that torchrun describes in the environment (no-op without it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -47,23 +62,29 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     batch's loss, as torch's (CUDA-only) SyncBatchNorm does.
     """
 
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.ndim < 2:
+            raise ValueError(f"expected at least 2D input (N x C x ...), got {x.ndim}D")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0] + list(range(2, x.ndim))  # all but channels
         shape = [1, -1] + [1] * (x.ndim - 2)
         xf = x.float()
         count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
-        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count.view(1)]))
+        stats = autograd_all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count.view(1)]))
         c = x.shape[1]
         n = stats[2 * c]
         mean, var = stats[:c] / n, (stats[c : 2 * c] / n - (stats[:c] / n) ** 2).clamp_min(0)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                m = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
                 unbiased = var.detach() * n / (n - 1).clamp_min(1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
@@ -78,8 +99,16 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, CPUSyncBatchNorm
+    ):
+        out = CPUSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         out.train(module.training)
         with torch.no_grad():
             if module.affine:

@@ -39,7 +39,7 @@ class ProjectionHead(nn.Sequential):
 
 
 def barlow_twins_projector(in_dim: int, dims: Sequence[int] = (8192, 8192, 8192)) -> ProjectionHead:
-    """"The projector network has three linear layers, each with 8192 output units. The first
+    """ "The projector network has three linear layers, each with 8192 output units. The first
     two layers of the projector are followed by a batch normalization layer and rectified
     linear units." (Barlow Twins, sec. 2)"""
     *hidden, out = dims
@@ -48,7 +48,7 @@ def barlow_twins_projector(in_dim: int, dims: Sequence[int] = (8192, 8192, 8192)
 
 
 def byol_projector(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> ProjectionHead:
-    """"a linear layer with output size 4096 followed by batch normalization, rectified linear
+    """ "a linear layer with output size 4096 followed by batch normalization, rectified linear
     units (ReLU), and a final linear layer with output dimension 256" (BYOL, sec. 3.3)"""
     return ProjectionHead(
         in_dim, [Layer(hidden_dim), Layer(out_dim, batch_norm=False, relu=False, bias=True)]
@@ -56,12 +56,12 @@ def byol_projector(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> P
 
 
 def byol_predictor(dim: int = 256, hidden_dim: int = 4096) -> ProjectionHead:
-    """"The predictor q_theta uses the same architecture as g_theta" (BYOL, sec. 3.3)."""
+    """ "The predictor q_theta uses the same architecture as g_theta" (BYOL, sec. 3.3)."""
     return byol_projector(dim, hidden_dim, dim)
 
 
 def simsiam_projector(in_dim: int, dim: int = 2048, num_layers: int = 3) -> ProjectionHead:
-    """"The projection MLP has BN applied to each fully-connected (fc) layer, including its
+    """ "The projection MLP has BN applied to each fully-connected (fc) layer, including its
     output fc. Its output fc has no ReLU. The hidden fc is 2048-d. This MLP has 3 layers."
     (SimSiam, sec. 4); the output BN has no affine parameters, as in the official code."""
     layers = [Layer(dim) for _ in range(num_layers - 1)]
@@ -70,7 +70,9 @@ def simsiam_projector(in_dim: int, dim: int = 2048, num_layers: int = 3) -> Proj
 
 
 def simsiam_predictor(dim: int = 2048, hidden_dim: int = 512) -> ProjectionHead:
-    """"The prediction MLP has BN applied to its hidden fc layers. Its output fc does not have
+    """ "The prediction MLP has BN applied to its hidden fc layers. Its output fc does not have
     BN or ReLU. This MLP has 2 layers. [...] the input and output of h is 2048-d, and h's hidden
     layer's dimension is 512, making h a bottleneck structure" (SimSiam, sec. 4)"""
-    return ProjectionHead(dim, [Layer(hidden_dim), Layer(dim, batch_norm=False, relu=False, bias=True)])
+    return ProjectionHead(
+        dim, [Layer(hidden_dim), Layer(dim, batch_norm=False, relu=False, bias=True)]
+    )

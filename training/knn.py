@@ -44,6 +44,10 @@ def knn_accuracy(
     """Top-1 accuracy of the weighted kNN classifier for each k."""
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return {
-        k: float((knn_predict(queries, bank, bank_labels, num_classes, k, temperature) == query_labels).float().mean())
+        k: float(
+            (knn_predict(queries, bank, bank_labels, num_classes, k, temperature) == query_labels)
+            .float()
+            .mean()
+        )
         for k in ks
     }

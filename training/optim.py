@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_lr: float = 0.0) -> float:
+def warmup_cosine(
+    step: int, total_steps: int, warmup_steps: int, base_lr: float, final_lr: float = 0.0
+) -> float:
     """Linear warm-up from 0 to `base_lr` over `warmup_steps`, then cosine decay to `final_lr`."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * step / warmup_steps
@@ -23,7 +25,9 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
 
 
 def param_groups(
-    named_modules: Iterable[tuple[str, nn.Module]], weight_decay: float, fixed_lr_prefixes: tuple[str, ...] = ()
+    named_modules: Iterable[tuple[str, nn.Module]],
+    weight_decay: float,
+    fixed_lr_prefixes: tuple[str, ...] = (),
 ) -> list[dict]:
     """Split trainable parameters into groups.
 
@@ -46,7 +50,9 @@ def param_groups(
             "lars_adapt": regular,
             "fixed_lr": fixed,
         }
-        for (regular, fixed), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+        for (regular, fixed), params in sorted(
+            groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])
+        )
     ]
 
 
@@ -58,8 +64,17 @@ class LARS(torch.optim.Optimizer):
     groups with `lars_adapt=False` (biases, norms) are plain SGD with momentum.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_adapt=True)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_adapt=True
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -78,7 +93,9 @@ class LARS(torch.optim.Optimizer):
                 if group["lars_adapt"]:
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d_p)
                     trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
+                        (w_norm > 0) & (g_norm > 0),
+                        group["eta"] * w_norm / g_norm,
+                        torch.ones_like(w_norm),
                     )
                     d_p = d_p.mul(trust)
                 state = self.state[p]
@@ -90,7 +107,9 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, groups: list[dict], lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """`sgd` (torch's SGD with momentum) or `lars`; `groups` come from `param_groups`."""
     if name == "sgd":
         # torch's SGD ignores the extra keys of our groups (lars_adapt, fixed_lr) and keeps them.

@@ -88,9 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.type in ("float", "float | None") or isinstance(default, float):
             kwargs["type"] = float
         p.add_argument(flag, **kwargs)
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue a stopped run exactly (model, teacher, optimizer, schedule, step, RNG); "
-                   "without a path, OUT/checkpoint.pt")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CKPT",
+        help="continue a stopped run exactly (model, teacher, optimizer, schedule, step, RNG); "
+        "without a path, OUT/checkpoint.pt",
+    )
     return p
 
 
@@ -101,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     if resume == "auto":
         resume = f"{cfg.out}/checkpoint.pt"
     if resume is None and not cfg.data:
-        print("error: --data is required (a class-per-folder directory, or torchvision:cifar10)", file=sys.stderr)
+        print(
+            "error: --data is required (a class-per-folder directory, or torchvision:cifar10)",
+            file=sys.stderr,
+        )
         return 2
     try:
         summary = Trainer(cfg, resume=resume).fit()

@@ -1,7 +1,7 @@
 """The method-agnostic training loop.
 
-    trainer = Trainer(TrainConfig(method="simsiam", data="path/to/images", epochs=5))
-    summary = trainer.fit()
+trainer = Trainer(TrainConfig(method="simsiam", data="path/to/images", epochs=5))
+summary = trainer.fit()
 """
 
 from __future__ import annotations
@@ -68,10 +68,25 @@ def build_model(cfg: TrainConfig, distributed: bool = False) -> nn.Module:
     if cfg.method == "barlow_twins":
         return BarlowTwins(backbone, feature_dim, cfg.proj_dims, cfg.lambd, distributed=distributed)
     if cfg.method == "byol":
-        return BYOL(backbone, feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim, cfg.tau_base)
+        return BYOL(
+            backbone,
+            feature_dim,
+            cfg.proj_hidden_dim,
+            cfg.proj_dim,
+            cfg.pred_hidden_dim,
+            cfg.tau_base,
+        )
     if cfg.method == "simsiam":
         return SimSiam(backbone, feature_dim, cfg.proj_dim, cfg.pred_hidden_dim)
     raise ValueError(f"unknown method {cfg.method!r}")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around the trained part of the model (for BYOL, not the teacher)."""
+    trained = model.online_network() if isinstance(model, BYOL) else model
+    return nn.parallel.DistributedDataParallel(
+        trained, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def trainable_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -87,8 +102,12 @@ class Normalize(nn.Module):
 
     def __init__(self, mean=MEAN, std=STD) -> None:
         super().__init__()
-        self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() * self.scale - self.shift
@@ -126,8 +145,15 @@ class Trainer:
         self.resume_state = None
         if resume is not None:
             self.resume_state = checkpoint.load(resume)
-            cfg = TrainConfig.from_dict({**self.resume_state["config"], "out": cfg.out, "progress": cfg.progress,
-                                         "workers": cfg.workers, "stop_after_steps": cfg.stop_after_steps})
+            cfg = TrainConfig.from_dict(
+                {
+                    **self.resume_state["config"],
+                    "out": cfg.out,
+                    "progress": cfg.progress,
+                    "workers": cfg.workers,
+                    "stop_after_steps": cfg.stop_after_steps,
+                }
+            )
         self.cfg = cfg = cfg.resolved()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -142,17 +168,26 @@ class Trainer:
         self.log = MetricsLog(self.out / "metrics.jsonl", self.dist.is_main)
 
         torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        train, held = load_splits(cfg.data, cfg.holdout_fraction, cfg.seed, cfg.data_root, cfg.download)
+        np.random.seed(cfg.seed)  # noqa: NPY002 (seed the global RNG that libraries may use)
+        train, held = load_splits(
+            cfg.data, cfg.holdout_fraction, cfg.seed, cfg.data_root, cfg.download
+        )
         if cfg.in_memory:
-            train, held = load_into_memory(train, desc="decoding train"), load_into_memory(held, desc="decoding held-out")
+            train, held = (
+                load_into_memory(train, desc="decoding train"),
+                load_into_memory(held, desc="decoding held-out"),
+            )
         self.train_samples, self.held_samples = train, held
 
         per_rank_batch = cfg.batch_size // self.dist.world_size
         if per_rank_batch * self.dist.world_size != cfg.batch_size or per_rank_batch < 2:
-            raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of {self.dist.world_size} ranks, >= 2 each")
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} must be a multiple of {self.dist.world_size} ranks, >= 2 each"
+            )
         self.dataset = TwoViewDataset(train, TwoViews(cfg.method, cfg.image_size), cfg.seed)
-        self.sampler = EpochSampler(len(train), per_rank_batch, cfg.seed, self.dist.rank, self.dist.world_size)
+        self.sampler = EpochSampler(
+            len(train), per_rank_batch, cfg.seed, self.dist.rank, self.dist.world_size
+        )
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
@@ -165,7 +200,13 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.normalize = Normalize().to(self.device)
-        self.optimizer = build_optimizer(cfg.optimizer, trainable_param_groups(model, cfg), cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.optimizer = build_optimizer(
+            cfg.optimizer,
+            trainable_param_groups(model, cfg),
+            cfg.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+        )
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.best_knn: dict[str, float] = {}
@@ -173,11 +214,7 @@ class Trainer:
         self._low_spread_steps = 0
         if self.resume_state is not None:
             self._restore(self.resume_state)
-        self.ddp = model
-        if self.dist.enabled:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        self.ddp = wrap_ddp(model, self.device) if self.dist.enabled else model
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -200,7 +237,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.step, self.epoch, self.step_in_epoch = (
+            state["step"],
+            state["epoch"],
+            state["step_in_epoch"],
+        )
         self.best_knn, self.epoch_times = state.get("best_knn", {}), state.get("epoch_times", [])
         checkpoint.set_rng_states(state["rng"])
 
@@ -222,8 +263,12 @@ class Trainer:
         """One optimizer step on a batch of uint8 view pairs; returns (loss, first-view projection)."""
         lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.cfg.lr)
         set_lr(self.optimizer, lr, self.cfg.lr)
+        x1, x2 = self._prepare(x1), self._prepare(x2)
         with self._autocast():
-            loss, z = self.ddp(self._prepare(x1), self._prepare(x2))
+            if isinstance(self.model, BYOL):  # the teacher runs outside the DDP-wrapped network
+                loss, z = self.ddp(x1, x2, self.model.targets(x1, x2))
+            else:
+                loss, z = self.ddp(x1, x2)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -257,11 +302,15 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
-    def features(self, samples: Samples, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(
+        self, samples: Samples, batch_size: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features (float32, NxD) of samples, preprocessed as the server does."""
         pre = Preprocess(self.cfg.eval_resize, self.cfg.image_size, self.cfg.image_size)
         loader = torch.utils.data.DataLoader(
-            EvalDataset(samples, pre), batch_size=batch_size, num_workers=self.cfg.workers,
+            EvalDataset(samples, pre),
+            batch_size=batch_size,
+            num_workers=self.cfg.workers,
             worker_init_fn=_worker_init if self.cfg.workers else None,
         )
         backbone = self.model.backbone
@@ -282,7 +331,9 @@ class Trainer:
         t0 = time.perf_counter()
         bank, bank_labels = self.features(self.train_samples)
         queries, query_labels = self.features(self.held_samples)
-        acc = knn_accuracy(queries, query_labels, bank, bank_labels, self.cfg.knn_ks, self.cfg.knn_temperature)
+        acc = knn_accuracy(
+            queries, query_labels, bank, bank_labels, self.cfg.knn_ks, self.cfg.knn_temperature
+        )
         result = {f"knn_top1_k{k}": round(v, 4) for k, v in acc.items()}
         result["eval_seconds"] = round(time.perf_counter() - t0, 1)
         return result
@@ -309,27 +360,46 @@ class Trainer:
                 if k.startswith("knn") and v > self.best_knn.get(k, -1):
                     self.best_knn[k] = v
             self.log.write(kind="eval", epoch=self.epoch, step=self.step, tag=tag, **result)
-            tqdm.write(f"[{tag}] epoch {self.epoch}: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+            tqdm.write(
+                f"[{tag}] epoch {self.epoch}: " + ", ".join(f"{k}={v}" for k, v in result.items())
+            )
         if self.dist.enabled:
             torch.distributed.barrier()
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.dist.is_main:
-            self.log.write(kind="start", config=asdict(cfg), resumed_at_step=self.step, device=str(self.device),
-                           world_size=self.dist.world_size, train_images=len(self.train_samples),
-                           held_out_images=len(self.held_samples), steps_per_epoch=self.steps_per_epoch)
+            self.log.write(
+                kind="start",
+                config=asdict(cfg),
+                resumed_at_step=self.step,
+                device=str(self.device),
+                world_size=self.dist.world_size,
+                train_images=len(self.train_samples),
+                held_out_images=len(self.held_samples),
+                steps_per_epoch=self.steps_per_epoch,
+            )
         if cfg.eval_at_start and self.step == 0 and cfg.eval_every:
             self._run_eval("init")
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.dist.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
         per_step_images = cfg.batch_size
         stopped_early = False
         try:
             while self.epoch < cfg.epochs:
                 self.model.train()
                 epoch_start = time.perf_counter()
-                window_start, window_steps, window_loss, window_spread = time.perf_counter(), 0, [], []
+                window_start, window_steps, window_loss, window_spread = (
+                    time.perf_counter(),
+                    0,
+                    [],
+                    [],
+                )
                 for x1, x2 in self._loader():
                     loss, z = self.train_step(x1, x2)
                     self.step_in_epoch += 1
@@ -347,31 +417,63 @@ class Trainer:
                         img_s = window_steps * per_step_images / elapsed
                         lr = self.optimizer.param_groups[0]["lr"]
                         spread = float(np.mean(window_spread))
-                        bar.set_postfix(epoch=self.epoch, loss=f"{mean_loss:.4f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}", spread=f"{spread:.3f}")
-                        self.log.write(kind="train", epoch=self.epoch, step=self.step, loss=mean_loss, lr=lr,
-                                       img_per_s=round(img_s, 1), embedding_spread=round(spread, 4),
-                                       **({"tau": self.model.tau} if isinstance(self.model, BYOL) else {}))
-                        window_start, window_steps, window_loss, window_spread = time.perf_counter(), 0, [], []
-                    if cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps and not last_of_epoch:
+                        bar.set_postfix(
+                            epoch=self.epoch,
+                            loss=f"{mean_loss:.4f}",
+                            lr=f"{lr:.4f}",
+                            img_s=f"{img_s:.0f}",
+                            spread=f"{spread:.3f}",
+                        )
+                        self.log.write(
+                            kind="train",
+                            epoch=self.epoch,
+                            step=self.step,
+                            loss=mean_loss,
+                            lr=lr,
+                            img_per_s=round(img_s, 1),
+                            embedding_spread=round(spread, 4),
+                            **({"tau": self.model.tau} if isinstance(self.model, BYOL) else {}),
+                        )
+                        window_start, window_steps, window_loss, window_spread = (
+                            time.perf_counter(),
+                            0,
+                            [],
+                            [],
+                        )
+                    if (
+                        cfg.stop_after_steps is not None
+                        and self.step >= cfg.stop_after_steps
+                        and not last_of_epoch
+                    ):
                         stopped_early = True
                         break
-                    if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and not last_of_epoch:
+                    if (
+                        cfg.ckpt_every_steps
+                        and self.step % cfg.ckpt_every_steps == 0
+                        and not last_of_epoch
+                    ):
                         self.save_checkpoint()
                 if stopped_early:
                     break
                 self.epoch_times.append(round(time.perf_counter() - epoch_start, 2))
                 self.epoch += 1
                 self.step_in_epoch = 0
-                if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+                if cfg.eval_every and (
+                    self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs
+                ):
                     self._run_eval("epoch")
                 if self.dist.is_main:
-                    self.log.write(kind="epoch", epoch=self.epoch, step=self.step, seconds=self.epoch_times[-1])
+                    self.log.write(
+                        kind="epoch", epoch=self.epoch, step=self.step, seconds=self.epoch_times[-1]
+                    )
                 self.save_checkpoint()
                 if cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps:
                     stopped_early = self.epoch < cfg.epochs
                     break
         except KeyboardInterrupt:
-            tqdm.write(f"interrupted at step {self.step}: saving {self.out / 'checkpoint.pt'} (resume with --resume)")
+            tqdm.write(
+                f"interrupted at step {self.step}: saving {self.out / 'checkpoint.pt'} (resume with --resume)"
+            )
             self.save_checkpoint()
             raise
         finally:
@@ -379,13 +481,18 @@ class Trainer:
         if stopped_early:
             self.save_checkpoint()
         summary = {
-            "method": cfg.method, "backbone": cfg.backbone, "epochs_done": self.epoch, "steps": self.step,
-            "finished": self.epoch >= cfg.epochs, "epoch_seconds": self.epoch_times,
-            "best_knn": self.best_knn, "device": str(self.device), "world_size": self.dist.world_size,
+            "method": cfg.method,
+            "backbone": cfg.backbone,
+            "epochs_done": self.epoch,
+            "steps": self.step,
+            "finished": self.epoch >= cfg.epochs,
+            "epoch_seconds": self.epoch_times,
+            "best_knn": self.best_knn,
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
         }
         if self.dist.is_main:
             self.log.write(kind="end", **summary)
             with open(self.out / "summary.json", "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
-

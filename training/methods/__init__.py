@@ -1,6 +1,6 @@
 """The three self-supervised methods: one module each, a pure loss and a model wrapper.
 
-    from training.methods import barlow_twins_loss, byol_loss, simsiam_loss
+from training.methods import barlow_twins_loss, byol_loss, simsiam_loss
 """
 
 from training.methods.barlow_twins import BarlowTwins, barlow_twins_loss

@@ -22,7 +22,7 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     gradient averaging then silently scales the correlation term by 1/world_size.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
+        from training.distributed import autograd_all_reduce as all_reduce
 
         return all_reduce(t)
     return t
@@ -46,15 +46,24 @@ def barlow_twins_loss(
         True
     """
     if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"z1 and z2 must both be N x D, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    z1, z2 = z1.float(), z2.float()  # the correlation is sensitive: never in bf16
+        raise ValueError(
+            f"z1 and z2 must both be N x D, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    with torch.autocast(z1.device.type, enabled=False):  # the correlation is sensitive: fp32 only
+        return _barlow_twins_loss_fp32(z1.float(), z2.float(), lambd, distributed)
+
+
+def _barlow_twins_loss_fp32(
+    z1: torch.Tensor, z2: torch.Tensor, lambd: float, distributed: bool
+) -> torch.Tensor:
     reduce = _all_reduce_sum if distributed else (lambda t: t)
     n = reduce(torch.tensor(float(z1.shape[0]), device=z1.device))
 
     def standardize(z: torch.Tensor) -> torch.Tensor:  # NxD -> NxD
         mean = reduce(z.sum(0)) / n  # D
-        var = reduce((z * z).sum(0)) / n - mean * mean  # D, biased
-        return (z - mean) / torch.sqrt(var.clamp_min(0) + BN_EPS)
+        centered = z - mean  # NxD
+        var = reduce((centered * centered).sum(0)) / n  # D, biased (two-pass: numerically stable)
+        return centered / torch.sqrt(var + BN_EPS)
 
     c = reduce(standardize(z1).T @ standardize(z2)) / n  # DxD
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()

@@ -12,7 +12,9 @@ from torch import nn
 from training.heads import byol_predictor, byol_projector
 
 
-def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+def byol_loss(
+    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
+) -> torch.Tensor:
     """Symmetric BYOL regression loss, in [0, 8].
 
     loss = mean_batch[(2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))], with the teacher's
@@ -53,6 +55,30 @@ def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
         tb.copy_(sb)
 
 
+def _online_loss(
+    online: nn.Module,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    targets: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z1_online = online.projector(online.backbone(x1))  # NxD
+    z2_online = online.projector(online.backbone(x2))  # NxD
+    p1, p2 = online.predictor(z1_online), online.predictor(z2_online)  # NxD
+    z1, z2 = targets  # teacher projections, NxD, no gradient
+    return byol_loss(p1, p2, z1, z2), z1_online.detach()
+
+
+class _Online(nn.Module):
+    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]
+    ):
+        return _online_loss(self, x1, x2, targets)
+
+
 class BYOL(nn.Module):
     """Online network (backbone, projector, predictor) and its EMA teacher (backbone, projector).
 
@@ -77,16 +103,30 @@ class BYOL(nn.Module):
         self.tau_base = tau_base
         self.tau = tau_base
 
-    def _teacher(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.teacher_projector(self.teacher_backbone(x))
+    @torch.no_grad()
+    def targets(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's projections of both views (no gradient).
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z1_online = self.projector(self.backbone(x1))  # NxD
-        z2_online = self.projector(self.backbone(x2))  # NxD
-        p1, p2 = self.predictor(z1_online), self.predictor(z2_online)  # NxD
-        z1, z2 = self._teacher(x1), self._teacher(x2)  # NxD, no gradient
-        return byol_loss(p1, p2, z1, z2), z1_online.detach()
+        Under DDP the trainer wraps `online_network()` only and calls this outside it: with the
+        teacher inside the wrapped module, DDP's gradient synchronization silently stopped
+        (torch 2.14, gloo; pinned by tests/training/test_distributed.py).
+        """
+        return self.teacher_projector(self.teacher_backbone(x1)), self.teacher_projector(
+            self.teacher_backbone(x2)
+        )
+
+    def forward(
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of two views and the first view's online projection."""
+        return _online_loss(self, x1, x2, self.targets(x1, x2) if targets is None else targets)
+
+    def online_network(self) -> nn.Module:
+        """The trained part alone (shared parameters), for DDP to wrap: forward(x1, x2, targets)."""
+        return _Online(self.backbone, self.projector, self.predictor)
 
     def update_teacher(self, step: int, total_steps: int) -> None:
         self.tau = cosine_tau(step, total_steps, self.tau_base)

@@ -1,0 +1,190 @@
+"""Training throughput: the project's loop against a plain loop of the same model, in one run.
+
+For each method x backbone x image size, the same `Trainer.train_step` runs twice:
+  - project: channels_last + bf16 autocast (the defaults),
+  - plain:   fp32, contiguous memory (what a first implementation would do),
+on synthetic uint8 batches (model compute only), each timed as the median of several repeats
+after warm-up. It then measures whether data loading keeps up: the two-view augmentation
+pipeline alone (pairs/s by worker count) and the real loader feeding the real step.
+
+    python benchmarks/train_throughput.py                      # full grid -> benchmarks/results/train_throughput.json
+    python benchmarks/train_throughput.py --methods simsiam --sizes 128 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import TrainConfig  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
+
+IMAGENETTE = ROOT.parent / "shared" / "datasets" / "imagenette-160"
+
+
+def _generated_folder(root: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import write_image_folder
+
+    write_image_folder(root / "train", per_class=48, size=160, seed=0)
+    write_image_folder(root / "val", per_class=8, size=160, seed=1)
+    return root
+
+
+def step_rate(
+    trainer: Trainer, batch: int, size: int, warmup: int, steps: int, repeats: int
+) -> tuple[float, list[float]]:
+    """Median images/s (an image = one two-view pair) of `trainer.train_step` on random uint8 batches."""
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+    x2 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+    trainer.model.train()
+    for _ in range(warmup):
+        trainer.train_step(x1, x2)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(x1, x2)
+        rates.append(batch * steps / (time.perf_counter() - t0))
+    return statistics.median(rates), [round(r, 1) for r in rates]
+
+
+def loader_rate(trainer: Trainer, workers: int, batches: int) -> float:
+    """Pairs/s of the two-view data loader alone."""
+    trainer.cfg.workers = workers
+    it = iter(trainer._loader())
+    next(it)  # start-up (worker fork) is not throughput
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        x1, _ = next(it)
+        n += x1.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def end_to_end_rate(trainer: Trainer, workers: int, steps: int) -> float:
+    """Images/s of the real loader feeding the real step (what a training run gets)."""
+    trainer.cfg.workers = workers
+    it = iter(trainer._loader())
+    for _ in range(2):  # warm-up
+        trainer.train_step(*next(it))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(*next(it))
+    return steps * trainer.sampler.batch_size / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--methods", nargs="+", default=["barlow_twins", "byol", "simsiam"])
+    p.add_argument("--backbones", nargs="+", default=["resnet18"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[32, 128], help="32 uses the CIFAR stem")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--data",
+        default=str(IMAGENETTE) if IMAGENETTE.is_dir() else None,
+        help="image folder for the data-loading measurements (default: Imagenette if present, else generated)",
+    )
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    args = p.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    data = args.data or str(_generated_folder(Path(tmp.name) / "data"))
+    results = {
+        "machine": {
+            "cpu_count": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "data": data,
+        "unit": "images/s, one image = one pair of views (two forward and backward passes)",
+        "model_only": [],
+        "data_loading": [],
+    }
+
+    def trainer_for(
+        method: str, backbone: str, size: int, fast: bool, in_memory: bool = False
+    ) -> Trainer:
+        cfg = TrainConfig(
+            method=method,
+            backbone=backbone,
+            data=data,
+            image_size=size,
+            cifar_stem=size <= 64,
+            batch_size=args.batch_size,
+            epochs=1,
+            workers=0,
+            progress=False,
+            eval_every=0,
+            in_memory=in_memory,
+            out=str(Path(tmp.name) / "run"),
+            precision="auto" if fast else "fp32",
+            channels_last=fast,
+        )
+        return Trainer(cfg)
+
+    for backbone in args.backbones:
+        for size in args.sizes:
+            for method in args.methods:
+                row = {"method": method, "backbone": backbone, "image_size": size}
+                for name, fast in (("plain", False), ("project", True)):
+                    rate, runs = step_rate(
+                        trainer_for(method, backbone, size, fast),
+                        args.batch_size,
+                        size,
+                        args.warmup,
+                        args.steps,
+                        args.repeats,
+                    )
+                    row[f"{name}_img_s"], row[f"{name}_runs"] = round(rate, 1), runs
+                row["ratio"] = round(row["project_img_s"] / row["plain_img_s"], 2)
+                print(json.dumps(row), flush=True)
+                results["model_only"].append(row)
+
+    # Does data loading keep up? Pipeline alone, then the real loader feeding the real step.
+    size = max(args.sizes)
+    trainer = trainer_for(args.methods[-1], args.backbones[0], size, fast=True, in_memory=True)
+    model_rate = next(
+        r["project_img_s"]
+        for r in results["model_only"]
+        if r["image_size"] == size and r["method"] == args.methods[-1]
+    )
+    row = {"method": args.methods[-1], "image_size": size, "model_only_img_s": model_rate}
+    for workers in (0, 1, 2):
+        row[f"pipeline_pairs_s_workers{workers}"] = round(
+            loader_rate(trainer, workers, batches=6), 1
+        )
+    for workers in (1, 2):
+        row[f"end_to_end_img_s_workers{workers}"] = round(
+            end_to_end_rate(trainer, workers, steps=6), 1
+        )
+    print(json.dumps(row), flush=True)
+    results["data_loading"].append(row)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

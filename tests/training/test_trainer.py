@@ -1,0 +1,174 @@
+"""The training loop end to end on generated images: learning, exact resume, stopping rules,
+atomic checkpoints and the command line."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from training import checkpoint
+from training.config import TrainConfig
+from training.train import build_parser, main
+from training.trainer import Trainer, TrainingStopped
+
+SMALL_HEADS = {
+    "proj_dims": (128, 128, 128),
+    "proj_hidden_dim": 128,
+    "proj_dim": 64,
+    "pred_hidden_dim": 64,
+}
+
+
+def small_config(data, out, **overrides) -> TrainConfig:
+    base = dict(
+        data=str(data),
+        out=str(out),
+        image_size=32,
+        cifar_stem=False,
+        batch_size=16,
+        epochs=2,
+        workers=0,
+        progress=False,
+        log_every=1,
+        eval_every=0,
+        **SMALL_HEADS,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def train_losses(out) -> list[float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["barlow_twins", "byol", "simsiam"])
+def test_a_short_run_on_generated_images_lowers_the_loss(image_folder, tmp_path, method):
+    cfg = small_config(
+        image_folder, tmp_path, method=method, epochs=3, lr=0.1 if method == "simsiam" else None
+    )
+    summary = Trainer(cfg).fit()
+    losses = train_losses(tmp_path)
+    assert summary["finished"] and summary["steps"] == 3 * 6 == len(losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first, f"{method}: loss went from {first:.4f} to {last:.4f}"
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["byol", "barlow_twins"])
+def test_a_resumed_run_equals_an_uninterrupted_one(image_folder, tmp_path, method):
+    straight = small_config(image_folder, tmp_path / "straight", method=method, epochs=2)
+    Trainer(straight).fit()
+
+    # interrupted mid-epoch (step 4 of 6 in epoch 0), then resumed from the checkpoint
+    interrupted = small_config(
+        image_folder, tmp_path / "resumed", method=method, epochs=2, stop_after_steps=4
+    )
+    partial = Trainer(interrupted).fit()
+    assert not partial["finished"] and partial["steps"] == 4
+    resumed = Trainer(
+        small_config(image_folder, tmp_path / "resumed"),
+        resume=str(tmp_path / "resumed" / "checkpoint.pt"),
+    )
+    assert resumed.step == 4 and resumed.cfg.method == method  # the stored config wins
+    assert resumed.fit()["finished"]
+
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 12
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+    assert train_losses(tmp_path / "straight")[4:] == train_losses(tmp_path / "resumed")[4:]
+
+
+def test_a_diverging_run_stops_with_a_clear_message(image_folder, tmp_path):
+    cfg = small_config(
+        image_folder, tmp_path, method="simsiam", lr=1e30, precision="fp32", epochs=1
+    )
+    with pytest.raises(TrainingStopped, match="diverged"):
+        Trainer(cfg).fit()
+
+
+def test_a_collapsed_representation_stops_the_run(image_folder, tmp_path):
+    # a threshold above any real spread: the detector must fire after `patience` steps
+    cfg = small_config(
+        image_folder, tmp_path, method="byol", collapse_threshold=100.0, collapse_patience=3
+    )
+    with pytest.raises(TrainingStopped, match="collapse at step 3"):
+        Trainer(cfg).fit()
+
+
+def test_online_knn_evaluation_is_logged(image_folder, tmp_path):
+    cfg = small_config(
+        image_folder,
+        tmp_path,
+        method="simsiam",
+        epochs=1,
+        eval_every=1,
+        eval_at_start=True,
+        knn_ks=(5, 20),
+    )
+    summary = Trainer(cfg).fit()
+    evals = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"eval"' in line
+    ]
+    assert [e["tag"] for e in evals] == ["init", "epoch"]
+    assert all(0.0 <= e["knn_top1_k5"] <= 1.0 and "knn_top1_k20" in e for e in evals)
+    # the generated classes are easy: even the random network is far above chance (0.25)
+    assert summary["best_knn"]["knn_top1_k5"] > 0.5
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_every_config_field_has_a_documented_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--method",
+        "--data",
+        "--in-memory",
+        "--cifar-stem",
+        "--optimizer",
+        "--precision",
+        "--resume",
+        "--eval-every",
+        "--knn-ks",
+        "--collapse-threshold",
+        "--workers",
+        "--channels-last",
+    ):
+        assert flag in text
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["--method", "byol"]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert (
+        main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--no-progress"])
+        == 2
+    )
+    assert "not found" in capsys.readouterr().err
