@@ -1,0 +1,367 @@
+"""Model packages: the contract between training (which writes them) and serving (which loads them).
+
+A package is a folder `models/NAME/` holding `model.onnx` (fp32), optional variants
+(`model.fp16.onnx` for GPUs, `model.int8.onnx` for CPUs with VNNI) and `card.json`, which says
+everything the server needs: input size and layout, preprocessing, embedding size, the sha256 of
+every file, the measured parity and quality. `card.schema.json` beside this module defines the
+card; the exporter and this loader both validate against it.
+
+    package = load_package()                 # models/DEFAULT, or a name, or a path
+    encoder = Encoder(package, device="cpu")  # verifies the file, opens an ONNX Runtime session
+    embeddings = encoder.embed_images(["cat.jpg", "dog.png"])  # float32 [2, D], L2-normalized
+
+Loading refuses, with a `PackageError` that names the file and the reason: a card that fails the
+schema, a model whose sha256 differs from the card (tampered or truncated), a model ONNX Runtime
+cannot read, and a model whose inputs or outputs differ from the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import onnxruntime as ort
+
+from embedserve.preprocess import Preprocess, preprocess_batch
+
+SCHEMA_PATH = Path(__file__).with_name("card.schema.json")
+CARD_FILE = "card.json"
+MODEL_FILE = "model.onnx"  # the fp32 model, always present
+DEFAULT_FILE = "DEFAULT"  # models/DEFAULT: one line, the folder name of the default package
+# models/ at the repository root; EMBEDSERVE_MODELS_DIR overrides it (e.g. in a container).
+MODELS_DIR = Path(
+    os.environ.get("EMBEDSERVE_MODELS_DIR", Path(__file__).resolve().parents[1] / "models")
+)
+FP32 = "fp32"
+# Where each variant is preferred (the card repeats it per variant as `target`).
+VARIANT_FOR_DEVICE = {"cuda": "fp16", "cpu": "int8"}
+_ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
+
+
+class PackageError(RuntimeError):
+    """A model package that cannot be served; the message names the file and the reason."""
+
+
+@cache
+def card_schema() -> dict[str, Any]:
+    """The JSON Schema of card.json."""
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate_card(card: dict[str, Any], where: str = CARD_FILE) -> None:
+    """Raise PackageError listing every way `card` fails the schema (`where` names it)."""
+    validator = jsonschema.Draft202012Validator(card_schema())
+    errors = sorted(validator.iter_errors(card), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [
+            f"  {'/'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors
+        ]
+        raise PackageError(
+            f"{where} does not match the card schema ({SCHEMA_PATH.name}):\n" + "\n".join(lines)
+        )
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_package_name(models_dir: str | os.PathLike = MODELS_DIR) -> str:
+    """The folder name written in `models_dir/DEFAULT`."""
+    path = Path(models_dir) / DEFAULT_FILE
+    if not path.is_file():
+        raise PackageError(
+            f"no default model: {path} does not exist (it holds one line, the folder name of a "
+            f"package in {models_dir}); pass a package name or path instead"
+        )
+    name = path.read_text().strip()
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise PackageError(f"{path} must hold one folder name of {models_dir}, not {name!r}")
+    return name
+
+
+def resolve_package(
+    name_or_path: str | os.PathLike | None = None, models_dir: str | os.PathLike = MODELS_DIR
+) -> Path:
+    """The folder of a package: None -> models/DEFAULT; an existing folder -> itself; else a
+    name under `models_dir`."""
+    models_dir = Path(models_dir)
+    if name_or_path is None:
+        name_or_path = default_package_name(models_dir)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if len(path.parts) == 1 and (models_dir / path).is_dir():
+        return models_dir / path
+    known = (
+        sorted(p.name for p in models_dir.iterdir() if (p / CARD_FILE).is_file())
+        if models_dir.is_dir()
+        else []
+    )
+    raise PackageError(
+        f"model package {str(name_or_path)!r} not found (neither a folder nor a name in {models_dir}; "
+        f"packages there: {', '.join(known) or 'none'})"
+    )
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has VNNI int8 dot products (where int8 models are fast); Linux only."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "asimddp" in flags  # x86, x86, Arm
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A package folder and its schema-valid card (files are verified when a variant is opened)."""
+
+    path: Path
+    card: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.card["embedding_dim"]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How a decoded image becomes one input row, as the card says."""
+        p = self.card["preprocess"]
+        return Preprocess(p["resize"], p["crop"]["height"], p["crop"]["width"], p["interpolation"])
+
+    @property
+    def variants(self) -> list[str]:
+        """Every variant of the package: fp32 first."""
+        return [FP32, *self.card["variants"]]
+
+    def file(self, variant: str = FP32) -> Path:
+        """The ONNX file of a variant."""
+        if variant == FP32:
+            return self.path / MODEL_FILE
+        if variant not in self.card["variants"]:
+            raise PackageError(
+                f"{self.path}: no {variant!r} variant (the card lists {', '.join(self.variants)})"
+            )
+        return self.path / self.card["variants"][variant]["file"]
+
+    def expected_sha256(self, variant: str = FP32) -> str:
+        return self.card["sha256"] if variant == FP32 else self.card["variants"][variant]["sha256"]
+
+    def verify_file(self, variant: str = FP32) -> Path:
+        """Check that a variant's file exists and has the card's sha256; return its path."""
+        path = self.file(variant)
+        if not path.is_file():
+            raise PackageError(f"{path}: missing (the card of {self.path} lists it)")
+        actual, expected = sha256_file(path), self.expected_sha256(variant)
+        if actual != expected:
+            raise PackageError(
+                f"{path}: sha256 {actual} differs from the card's {expected} "
+                f"({path.stat().st_size} bytes): the file was modified or truncated; refusing to serve it"
+            )
+        return path
+
+    def choose_variant(self, device: str) -> str:
+        """The variant to run on `device` ("cuda" or "cpu"): fp16 on CUDA, int8 on a CPU with
+        VNNI, when the package has them; fp32 otherwise."""
+        preferred = VARIANT_FOR_DEVICE.get(device)
+        if preferred is None:
+            raise ValueError(
+                f"device must be one of {', '.join(VARIANT_FOR_DEVICE)}, not {device!r}"
+            )
+        if preferred not in self.card["variants"]:
+            return FP32
+        if preferred == "int8" and not cpu_has_vnni():
+            return FP32
+        return preferred
+
+
+def load_package(
+    name_or_path: str | os.PathLike | None = None, models_dir: str | os.PathLike = MODELS_DIR
+) -> ModelPackage:
+    """Find a package (None: models/DEFAULT) and validate its card against the schema."""
+    path = resolve_package(name_or_path, models_dir)
+    card_path = path / CARD_FILE
+    if not card_path.is_file():
+        raise PackageError(f"{path} is not a model package: {CARD_FILE} is missing")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackageError(f"{card_path}: not valid JSON ({e})") from e
+    validate_card(card, str(card_path))
+    return ModelPackage(path, card)
+
+
+def check_session_io(session, card: dict[str, Any], where: str) -> None:
+    """Raise PackageError unless an ONNX Runtime session's one input and one output are those of
+    the card (names, element types, shapes with a dynamic batch)."""
+    inp, out, dim = card["input"], card["output"], card["embedding_dim"]
+    expected_in = (
+        inp["name"],
+        _ORT_TYPES[inp["dtype"]],
+        [inp["height"], inp["width"], inp["channels"]],
+    )
+    expected_out = (out["name"], _ORT_TYPES[out["dtype"]], [dim])
+    problems = []
+    for kind, nodes, (name, type_, tail) in (
+        ("input", session.get_inputs(), expected_in),
+        ("output", session.get_outputs(), expected_out),
+    ):
+        if len(nodes) != 1:
+            problems.append(
+                f"{len(nodes)} {kind}s ({', '.join(n.name for n in nodes)}), expected one named {name!r}"
+            )
+            continue
+        node = nodes[0]
+        shape = list(node.shape)
+        batch_is_dynamic = len(shape) == len(tail) + 1 and not isinstance(shape[0], int)
+        if node.name != name or node.type != type_ or shape[1:] != tail or not batch_is_dynamic:
+            problems.append(
+                f"{kind} {node.name!r} {node.type} {shape}, the card says {name!r} {type_} [N, {', '.join(map(str, tail))}]"
+            )
+    if problems:
+        raise PackageError(f"{where} does not match its card: " + "; ".join(problems))
+
+
+class Encoder:
+    """An ONNX Runtime session on one verified variant of a package.
+
+    `device`: "cpu", "cuda", or "auto" (CUDA when a CUDA session really starts, else the CPU).
+    `variant`: "auto" (the package's choice for the device, see `ModelPackage.choose_variant`)
+    or fp32 / fp16 / int8. `intra_op_threads`: ONNX Runtime sizes its pool to the host's cores,
+    not to a container's limit, so a server sets it per worker.
+    """
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        variant: str = "auto",
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+    ) -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+        if variant != "auto" and variant not in package.variants:
+            raise PackageError(
+                f"{package.path}: no {variant!r} variant (the card lists {', '.join(package.variants)})"
+            )
+        self.package = package
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        want_cuda = device == "cuda" or (
+            device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers()
+        )
+        self.session = None
+        if want_cuda:
+            self.variant = package.choose_variant("cuda") if variant == "auto" else variant
+            self.session = self._open(options, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+            # get_available_providers() lists CUDA even where it cannot load: ask the session
+            if "CUDAExecutionProvider" not in self.session.get_providers():
+                if device == "cuda":
+                    raise PackageError(
+                        "device 'cuda': the CUDA execution provider could not start on this machine"
+                    )
+                self.session = None
+        if self.session is None:
+            self.variant = package.choose_variant("cpu") if variant == "auto" else variant
+            self.session = self._open(options, ["CPUExecutionProvider"])
+        self.providers: list[str] = self.session.get_providers()
+        self.input_name = package.card["input"]["name"]
+        self.output_name = package.card["output"]["name"]
+
+    def _open(self, options, providers: list[str]):
+        """Verify the variant's file, open it, check its I/O against the card and run one image."""
+        card = self.package.card
+        path = self.package.verify_file(self.variant)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for unreadable models
+            raise PackageError(f"{path}: ONNX Runtime cannot load it: {e}") from e
+        check_session_io(session, card, str(path))
+        inp = card["input"]
+        probe = np.zeros((1, inp["height"], inp["width"], inp["channels"]), np.uint8)
+        out = session.run([card["output"]["name"]], {inp["name"]: probe})[0]
+        if out.shape != (1, card["embedding_dim"]) or not np.isfinite(out).all():
+            raise PackageError(
+                f"{path}: one black image gives {out.dtype} {list(out.shape)} "
+                f"({'finite' if np.isfinite(out).all() else 'non-finite'}), the card says "
+                f"float32 [1, {card['embedding_dim']}] finite"
+            )
+        return session
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] RGB (the card's size) -> float32 [N, D], L2-normalized rows."""
+        inp = self.package.card["input"]
+        expected = (inp["height"], inp["width"], inp["channels"])
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(
+                f"images must be uint8 [N, {', '.join(map(str, expected))}], got {images.dtype} {list(images.shape)}"
+            )
+        if len(images) == 0:
+            return np.zeros((0, self.package.embedding_dim), np.float32)
+        return self.session.run(
+            [self.output_name], {self.input_name: np.ascontiguousarray(images)}
+        )[0]
+
+    def embed_images(self, items: Sequence) -> np.ndarray:
+        """Image files, bytes, PIL images or uint8 HWC arrays -> float32 [N, D], preprocessed as
+        the card says (embedserve.preprocess)."""
+        return self.embed(preprocess_batch(list(items), self.package.preprocess))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m embedserve.package [NAME_OR_PATH]`: verify every file of a package (default:
+    models/DEFAULT) as the server would open it, and print what its card says."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m embedserve.package", description=main.__doc__)
+    parser.add_argument("package", nargs="?", default=None, help="name in models/ or a folder")
+    args = parser.parse_args(argv)
+    try:
+        package = load_package(args.package)
+        for variant in package.variants:
+            encoder = Encoder(package, variant=variant, device="cpu", intra_op_threads=1)
+            parity = (
+                package.card["parity"]
+                if variant == FP32
+                else package.card["variants"][variant]["parity"]
+            )
+            print(
+                f"{package.file(variant)}: ok ({variant}, sha256 verified, "
+                f"{encoder.input_name} uint8 [N, {package.card['input']['height']}, "
+                f"{package.card['input']['width']}, 3] -> {encoder.output_name} [N, {package.embedding_dim}], "
+                f"min cosine to PyTorch {parity['min_cosine']:.6f})"
+            )
+    except PackageError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
+    knn = ", ".join(
+        f"k={m['k']} {m['top1']} ({m['dataset']} {m['split']})"
+        for m in package.card["metrics"]["knn"]
+    )
+    print(
+        f"{package.name}: {package.card['method']} {package.card['backbone']}; kNN top-1 {knn or 'not recorded'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""Export end to end: train a few steps, export, load with embedserve, embed the same image files,
+compare with PyTorch; and the refusals (failed parity, a failing variant, an existing package)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from embedserve import package as pkg
+from embedserve.preprocess import preprocess_batch
+from training import export
+from training.config import TrainConfig
+from training.export import (
+    TOLERANCES,
+    EmbeddingGraph,
+    ExportRefused,
+    batch_consistency,
+    equivalent_command,
+    export_package,
+    load_encoder,
+    parity,
+    torch_embeddings,
+)
+from training.train import build_parser
+from training.trainer import Trainer
+
+from .test_trainer import small_config
+
+FAST = {"parity_images": 8, "calibration_images": 16, "threads": 1, "log": lambda _: None}
+
+
+def val_files(image_folder: Path) -> list[Path]:
+    return sorted((image_folder / "val").rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory) -> Path:
+    """A BYOL checkpoint after 2 steps: its teacher already differs from the online encoder."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = small_config(
+        image_folder,
+        out,
+        method="byol",
+        epochs=1,
+        stop_after_steps=2,
+        precision="fp32",
+        threads=1,  # far faster than two on the shared cores of a test run
+    )
+    threads = torch.get_num_threads()
+    try:
+        Trainer(cfg).fit()
+    finally:
+        torch.set_num_threads(threads)  # cfg.threads is process-wide
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def exported(trained, image_folder, tmp_path_factory) -> Path:
+    """The package of `trained`, with both variants and kNN on the generated images."""
+    models = tmp_path_factory.mktemp("models")
+    export_package(trained, models / "byol-test", data=str(image_folder), **FAST)
+    (models / "DEFAULT").write_text("byol-test\n")
+    return models / "byol-test"
+
+
+@pytest.mark.slow
+def test_the_exported_package_embeds_files_as_pytorch_does(trained, exported, image_folder):
+    package = pkg.load_package("byol-test", exported.parent)  # by name, schema-validated
+    card = package.card
+    files = val_files(image_folder)[:12]
+    graph, cfg, ck = load_encoder(trained)
+    inputs = preprocess_batch(files, package.preprocess)
+    reference = torch_embeddings(graph, inputs)
+    for variant in package.variants:
+        encoder = pkg.Encoder(package, variant=variant, device="cpu", intra_op_threads=2)
+        min_cos, max_abs = parity(reference, encoder.embed_images(files))
+        tolerance = TOLERANCES[variant]
+        assert min_cos >= tolerance.min_cosine and max_abs <= tolerance.max_abs_diff, (
+            variant,
+            min_cos,
+            max_abs,
+        )
+        recorded = card["parity"] if variant == "fp32" else card["variants"][variant]["parity"]
+        assert recorded["min_cosine"] >= tolerance.min_cosine
+        assert recorded["tolerance"] == asdict(tolerance)
+    # the fp32 graph is the online encoder (BYOL's teacher is left out) with the trainer's normalization
+    model_ref = torch.nn.functional.normalize(
+        graph.backbone(export.Normalize()(torch.from_numpy(inputs).permute(0, 3, 1, 2))), dim=1
+    )
+    fp32 = pkg.Encoder(package, variant="fp32", device="cpu").embed(inputs)
+    assert np.abs(fp32 - model_ref.detach().numpy()).max() <= 1e-4
+    teacher = (
+        torch.nn.functional.normalize(graph_teacher(trained)(torch.from_numpy(inputs)), dim=1)
+        .detach()
+        .numpy()
+    )
+    assert np.abs(fp32 - teacher).max() > 1e-3
+
+
+def graph_teacher(checkpoint: Path) -> torch.nn.Module:
+    from training.trainer import build_model
+
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = build_model(TrainConfig.from_dict(ck["config"]).resolved())
+    model.load_state_dict(ck["model"])
+    return EmbeddingGraph(model.teacher_backbone).eval()
+
+
+@pytest.mark.slow
+def test_the_card_describes_the_model_and_passes_the_schema(exported, trained):
+    card = json.loads((exported / "card.json").read_text())
+    pkg.validate_card(card)
+    assert (
+        card["name"] == "byol-test" and card["method"] == "byol" and card["backbone"] == "resnet18"
+    )
+    assert card["embedding_dim"] == 512
+    assert card["input"] == {
+        "name": "images",
+        "height": 32,
+        "width": 32,
+        "channels": 3,
+        "layout": "NHWC",
+        "dtype": "uint8",
+        "color": "RGB",
+    }
+    assert card["preprocess"] == {
+        "resize": 32,
+        "crop": {"height": 32, "width": 32},
+        "interpolation": "bilinear",
+    }
+    assert card["sha256"] == pkg.sha256_file(exported / "model.onnx")
+    for v, info in card["variants"].items():
+        assert info["sha256"] == pkg.sha256_file(exported / info["file"])
+        assert set(info["knn_top1_diff"]) == {"20", "200"}, v
+    assert {m["k"] for m in card["metrics"]["knn"]} == {20, 200}
+    assert all(m["split"] == "val" and m["bank_split"] == "train" for m in card["metrics"]["knn"])
+    training = card["training"]
+    assert training["steps"] == 2 and training["batch_size"] == 16
+    assert training["hyperparameters"]["method"] == "byol" and training["device"] == "cpu"
+    assert training["checkpoint"]["sha256"] == pkg.sha256_file(trained)
+    assert card["onnx"]["opset"] >= 17 and set(card["onnx"]["versions"]) >= {
+        "torch",
+        "onnx",
+        "onnxruntime",
+    }
+
+
+@pytest.mark.slow
+def test_the_graph_takes_uint8_nhwc_with_a_dynamic_batch_and_passes_the_checker(exported):
+    model = onnx.load(str(exported / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (inp,), (out,) = model.graph.input, model.graph.output
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims[1:] == [32, 32, 3] and isinstance(dims[0], str)
+    assert out.name == "embeddings" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    session = export.cpu_session(exported / "model.onnx", threads=2)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    assert (
+        batch_consistency(lambda x: export.run_session(session, x), images)
+        <= TOLERANCES["fp32"].batch_max_abs_diff
+    )
+
+
+def test_parity_and_batch_checks_measure_what_they_say():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(4, 16)).astype(np.float32)
+    assert parity(ref, ref) == pytest.approx((1.0, 0.0))
+    off = ref.copy()
+    off[2] = -off[2]
+    min_cos, max_abs = parity(ref, off)
+    assert min_cos == pytest.approx(-1.0) and max_abs == pytest.approx(2 * np.abs(ref[2]).max())
+    assert batch_consistency(lambda x: x * 2.0, ref) == 0.0
+    assert batch_consistency(lambda x: x - x.mean(0), ref) > 0.1  # depends on the rest of the batch
+
+
+@pytest.mark.slow
+def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_is_written(
+    trained, image_folder, tmp_path, monkeypatch
+):
+    real_export = export.export_onnx
+
+    def export_a_wrong_graph(graph, path, height, width, opset=export.OPSET):
+        wrong = EmbeddingGraph(graph.backbone)
+        wrong.normalize.shift.zero_()  # forgets the mean subtraction
+        real_export(wrong, path, height, width, opset)
+
+    monkeypatch.setattr(export, "export_onnx", export_a_wrong_graph)
+    out = tmp_path / "models" / "wrong"
+    with pytest.raises(ExportRefused) as e:
+        export_package(trained, out, data=str(image_folder), variants=(), knn=False, **FAST)
+    message = str(e.value)
+    assert "model.onnx fails the check against PyTorch fp32 on 8 images" in message
+    assert (
+        "min cosine 0." in message and "needs >= 0.99999" in message and "max abs diff" in message
+    )
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no package, no staging left
+
+
+@pytest.mark.slow
+def test_a_variant_outside_its_tolerance_is_refused_with_the_numbers(
+    trained, image_folder, tmp_path, monkeypatch
+):
+    strict = replace(TOLERANCES["int8"], min_cosine=1.0, max_abs_diff=0.0)
+    monkeypatch.setitem(TOLERANCES, "int8", strict)
+    out = tmp_path / "models" / "strict"
+    with pytest.raises(
+        ExportRefused, match=r"model\.int8\.onnx fails .* min cosine 0\.\d+ \(needs >= 1\.0\)"
+    ):
+        export_package(trained, out, data=str(image_folder), variants=("int8",), knn=False, **FAST)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_command_line_replaces_a_package_only_when_told(trained, exported, tmp_path, capsys):
+    target = tmp_path / "models" / "copy"
+    shutil.copytree(exported, target)
+    argv = [
+        "--checkpoint",
+        str(trained),
+        "--out",
+        str(target),
+        "--variants",
+        "--no-knn",
+        "--threads",
+        "1",
+    ]
+    assert export.main([*argv, "--parity-images", "8"]) == 2
+    assert "exists: pass overwrite (--overwrite)" in capsys.readouterr().err
+    assert export.main([*argv, "--parity-images", "8", "--overwrite"]) == 0
+    card = json.loads((target / "card.json").read_text())
+    assert card["variants"] == {} and card["metrics"]["knn"] == []  # no eval at step 2 in the log
+    # without --data, the run's own data gives the parity images
+    assert card["parity"]["images"]["source"].endswith("val, preprocessed by embedserve.preprocess")
+    assert sorted(p.name for p in target.iterdir()) == ["card.json", "model.onnx"]
+    assert [p.name for p in target.parent.iterdir()] == ["copy"]  # nothing staged or set aside left
+
+
+def test_the_equivalent_command_rebuilds_the_configuration():
+    cfg = TrainConfig(
+        method="byol", data="d", epochs=7, batch_size=32, lr=0.5, cifar_stem=True, knn_ks=(5,)
+    )
+    command = equivalent_command(asdict(cfg.resolved()))
+    args = vars(build_parser().parse_args(shlex.split(command)[3:]))
+    args.pop("resume")
+    rebuilt = TrainConfig(**{**args, "progress": cfg.progress}).resolved()
+    assert asdict(rebuilt) == asdict(cfg.resolved())
+    assert "--lr 0.5" in command and "--weight-decay" not in command  # only what was chosen
