@@ -174,7 +174,7 @@ def main() -> None:
         row[f"pipeline_pairs_s_workers{workers}"] = round(
             loader_rate(trainer, workers, batches=6), 1
         )
-    for workers in (1, 2):
+    for workers in (0, 1, 2):
         row[f"end_to_end_img_s_workers{workers}"] = round(
             end_to_end_rate(trainer, workers, steps=6), 1
         )

@@ -69,7 +69,9 @@ def _decode_rgb(path: str) -> np.ndarray:
     return np.array(decode(path), dtype=np.uint8)
 
 
-def load_into_memory(samples: Samples, workers: int = 4, desc: str = "decoding") -> Samples:
+def load_into_memory(
+    samples: Samples, workers: int = 4, desc: str = "decoding", progress: bool = True
+) -> Samples:
     """Decode every image once (threads: Pillow releases the GIL). Same-sized images are stacked
     into one array, which forked data-loader workers share without copying."""
     if isinstance(samples.items, np.ndarray):
@@ -82,6 +84,7 @@ def load_into_memory(samples: Samples, workers: int = 4, desc: str = "decoding")
                 desc=desc,
                 unit="img",
                 leave=False,
+                disable=not progress,
             )
         )
     if len({a.shape for a in arrays}) == 1:

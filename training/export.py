@@ -449,7 +449,11 @@ def training_record(ck: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> d
     """The card's `training` section: whatever the checkpoint (and the run's log) records."""
     start = next((r for r in read_metrics(checkpoint.parent) if r.get("kind") == "start"), {})
     epoch_times = [float(t) for t in ck.get("epoch_times", [])]
-    command = ck.get("command") or start.get("command")
+    command = (
+        ck.get("command")
+        or ck.get("config", {}).get("extra", {}).get("command")
+        or start.get("command")
+    )
     return {
         "hyperparameters": json.loads(json.dumps(asdict(cfg))),
         "epochs": int(ck.get("epoch", 0)),

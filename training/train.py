@@ -41,8 +41,9 @@ HELP = {
     "precision": "autocast: auto (bf16; fp16 on CUDA without bf16), bf16, fp16 or fp32",
     "channels_last": "NHWC memory format for the convolutions",
     "device": "auto (CUDA when available), cpu or cuda",
-    "threads": "intra-op threads of the training process (default: all cores)",
-    "workers": "data-loading worker processes per rank (0: load in the training process)",
+    "workers": "data-loading worker processes per rank (0: augment in the training process; "
+    "default: 0 on a CPU with <= 5 cores, where workers slow the step down, else (cores-2)//4; min(8, cores) on CUDA)",
+    "threads": "intra-op threads of the training process (default on the CPU: cores minus workers)",
     "eval_every": "epochs between kNN evaluations on the held-out split (0: never)",
     "eval_at_start": "also evaluate the random initialisation before training",
     "knn_ks": "k values of the weighted kNN monitor",
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     resume = args.__dict__.pop("resume")
     cfg = TrainConfig(**vars(args))
+    # the exact command, for the model card
+    cfg.extra["command"] = " ".join(
+        ["python -m training.train", *(argv if argv is not None else sys.argv[1:])]
+    )
     if resume == "auto":
         resume = f"{cfg.out}/checkpoint.pt"
     if resume is None and not cfg.data:

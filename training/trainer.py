@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -155,9 +156,14 @@ class Trainer:
                 }
             )
         self.cfg = cfg = cfg.resolved()
+        self.device = resolve_device(cfg.device)
+        cores = os.cpu_count() or 1
+        if cfg.workers is None:
+            cfg.workers = TrainConfig.default_workers(self.device.type, cores)
+        if cfg.threads is None and self.device.type == "cpu":
+            cfg.threads = max(1, cores - cfg.workers)  # workers and step threads share the cores
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_from_env(self.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -173,10 +179,8 @@ class Trainer:
             cfg.data, cfg.holdout_fraction, cfg.seed, cfg.data_root, cfg.download
         )
         if cfg.in_memory:
-            train, held = (
-                load_into_memory(train, desc="decoding train"),
-                load_into_memory(held, desc="decoding held-out"),
-            )
+            train = load_into_memory(train, desc="decoding train", progress=cfg.progress)
+            held = load_into_memory(held, desc="decoding held-out", progress=cfg.progress)
         self.train_samples, self.held_samples = train, held
 
         per_rank_batch = cfg.batch_size // self.dist.world_size
@@ -356,9 +360,10 @@ class Trainer:
     def _run_eval(self, tag: str) -> None:
         if self.dist.is_main:
             result = self.evaluate()
-            for k, v in result.items():
-                if k.startswith("knn") and v > self.best_knn.get(k, -1):
-                    self.best_knn[k] = v
+            if tag != "init":  # the best of the trained weights, not of the random initialisation
+                for k, v in result.items():
+                    if k.startswith("knn") and v > self.best_knn.get(k, -1):
+                        self.best_knn[k] = v
             self.log.write(kind="eval", epoch=self.epoch, step=self.step, tag=tag, **result)
             tqdm.write(
                 f"[{tag}] epoch {self.epoch}: " + ", ".join(f"{k}={v}" for k, v in result.items())
