@@ -30,14 +30,20 @@ def _strip_classifier(model: nn.Module) -> int:
     )
 
 
-def create_backbone(name: str = "resnet18", cifar_stem: bool = False) -> tuple[nn.Module, int]:
+def create_backbone(
+    name: str = "resnet18", cifar_stem: bool = False, zero_init_residual: bool = False
+) -> tuple[nn.Module, int]:
     """A randomly initialised torchvision model without its classifier, and its feature size.
 
     `cifar_stem` replaces a ResNet's first convolution by a 3x3 stride-1 one and drops the
-    max-pool, as is usual for 32x32 images. No weights are ever downloaded.
+    max-pool, as is usual for 32x32 images. `zero_init_residual` (ResNets) starts the last
+    BatchNorm of every residual branch at zero, so each block starts as the identity, as the
+    official SimSiam code does (ignored for other families). No weights are ever downloaded.
     """
+    is_resnet = name.startswith(("resnet", "resnext", "wide_resnet"))
+    kwargs = {"zero_init_residual": True} if zero_init_residual and is_resnet else {}
     try:
-        model = torchvision.models.get_model(name, weights=None)
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
     except ValueError as e:
         known = ", ".join(sorted(torchvision.models.list_models(torchvision.models)))
         raise ValueError(f"unknown backbone {name!r}; torchvision knows: {known}") from e

@@ -23,6 +23,8 @@ HELP = {
     "holdout_fraction": "fraction of each class held out for monitoring when DIR has no val/ or test/",
     "backbone": "torchvision model name (resnet18, resnet50, ...), classifier removed",
     "cifar_stem": "ResNet stem for 32x32 images: 3x3 stride-1 first conv and no max-pool",
+    "zero_init_residual": "start each ResNet residual branch's last BatchNorm at zero (blocks begin as the identity), "
+    "as the official SimSiam and Barlow Twins code do",
     "image_size": "training crop size and evaluation input size, in pixels",
     "eval_resize": "shorter side before the centre crop at evaluation (default: --image-size)",
     "epochs": "number of epochs (the schedule spans all of them)",

@@ -65,7 +65,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def build_model(cfg: TrainConfig, distributed: bool = False) -> nn.Module:
     """The method's model (backbone + heads) from a resolved config."""
-    backbone, feature_dim = create_backbone(cfg.backbone, cfg.cifar_stem)
+    backbone, feature_dim = create_backbone(cfg.backbone, cfg.cifar_stem, cfg.zero_init_residual)
     if cfg.method == "barlow_twins":
         return BarlowTwins(backbone, feature_dim, cfg.proj_dims, cfg.lambd, distributed=distributed)
     if cfg.method == "byol":

@@ -56,3 +56,15 @@ def test_heads_follow_the_papers():
     assert pred.linear0.out_features == 16 and pred.out_dim == 64  # bottleneck
     for head, in_dim in [(bt, 512), (byol, 512), (ss, 512), (pred, 64)]:
         assert head(torch.randn(4, in_dim)).shape == (4, head.out_dim)
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    model, _ = create_backbone("resnet18", zero_init_residual=True)
+    assert all(
+        float(block.bn2.weight.abs().sum()) == 0
+        for layer in (model.layer1, model.layer4)
+        for block in layer
+    )
+    plain, _ = create_backbone("resnet18")
+    assert float(plain.layer1[0].bn2.weight.abs().sum()) > 0
+    create_backbone("mobilenet_v3_small", zero_init_residual=True)  # other families ignore it

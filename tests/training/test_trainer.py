@@ -172,3 +172,33 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
         == 2
     )
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_trains_and_records_its_command(image_folder, tmp_path):
+    argv = [
+        "--method",
+        "simsiam",
+        "--data",
+        str(image_folder),
+        "--out",
+        str(tmp_path),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--workers",
+        "0",
+        "--proj-dim",
+        "64",
+        "--pred-hidden-dim",
+        "16",
+    ]
+    assert main(argv) == 0
+    ck = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert ck["config"]["extra"]["command"] == "python -m training.train " + " ".join(argv)
+    assert ck["epoch"] == 1 and ck["step"] == 6
