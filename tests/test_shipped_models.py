@@ -1,0 +1,44 @@
+"""The model packages committed in models/: the default one loads, verifies and embeds."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedserve.package import Encoder, load_package
+from tests.conftest import make_pattern
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def test_models_dir_stays_under_100_mb():
+    total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
+    assert total < 100 * 2**20, f"models/ holds {total / 2**20:.1f} MiB"
+
+
+def test_the_default_package_loads_and_every_variant_embeds():
+    package = load_package(models_dir=MODELS)
+    assert (MODELS / "DEFAULT").read_text().strip() == package.path.name
+    rng = np.random.default_rng(0)
+    images = [make_pattern(c, 4, 96, rng) for c in range(4)]
+    reference = None
+    for variant in package.variants:
+        enc = Encoder(package, variant=variant, device="cpu", intra_op_threads=2)
+        vectors = enc.embed_images(images)
+        assert vectors.shape == (4, package.embedding_dim) and vectors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+        if reference is None:
+            reference = vectors
+        else:  # every variant agrees with fp32 on these images
+            assert float((vectors * reference).sum(1).min()) > 0.98, variant
+
+
+@pytest.mark.integration
+def test_the_default_package_reproduces_its_card_on_real_photos(imagenette):
+    package = load_package(models_dir=MODELS)
+    assert package.card["metrics"]  # the card says how good the model is
+    paths = sorted((imagenette / "val").rglob("*.JPEG"))[:16]
+    enc = Encoder(package, variant="fp32", device="cpu", intra_op_threads=2)
+    batch = enc.embed_images(paths)
+    singles = np.concatenate([enc.embed_images([p]) for p in paths[:4]])
+    np.testing.assert_allclose(batch[:4], singles, atol=1e-5)
