@@ -28,7 +28,9 @@ class TrainConfig:
     holdout_fraction: float = 0.1  # held out for monitoring when DIR has no val/ or test/
     backbone: str = "resnet18"
     cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (32x32 images)
-    zero_init_residual: bool = True  # residual blocks start as identity (official SimSiam/Barlow Twins code)
+    zero_init_residual: bool = (
+        True  # residual blocks start as identity (official SimSiam/Barlow Twins code)
+    )
     image_size: int = 128  # training crop and evaluation input size
     eval_resize: int | None = (
         None  # shorter side before the centre crop at evaluation (default image_size)
