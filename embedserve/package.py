@@ -35,6 +35,8 @@ from embedserve.preprocess import Preprocess, preprocess_batch
 SCHEMA_PATH = Path(__file__).with_name("card.schema.json")
 CARD_FILE = "card.json"
 MODEL_FILE = "model.onnx"  # the fp32 model, always present
+INPUT_NAME = "images"  # uint8 NHWC RGB input of every exported graph
+OUTPUT_NAME = "embeddings"  # float32 [N, D] L2-normalized output
 DEFAULT_FILE = "DEFAULT"  # models/DEFAULT: one line, the folder name of the default package
 # models/ at the repository root; EMBEDSERVE_MODELS_DIR overrides it (e.g. in a container).
 MODELS_DIR = Path(

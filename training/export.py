@@ -133,9 +133,9 @@ def export_onnx(graph: nn.Module, path: Path, height: int, width: int, opset: in
             (example,),
             str(path),
             dynamo=False,
-            input_names=["images"],
-            output_names=["embeddings"],
-            dynamic_axes={"images": {0: "N"}, "embeddings": {0: "N"}},
+            input_names=[pkg.INPUT_NAME],
+            output_names=[pkg.OUTPUT_NAME],
+            dynamic_axes={pkg.INPUT_NAME: {0: "N"}, pkg.OUTPUT_NAME: {0: "N"}},
             opset_version=opset,
             do_constant_folding=True,  # folds BatchNorm into the convolutions
         )
@@ -190,7 +190,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, scratch: Path) 
     class Batches(CalibrationDataReader):
         def __init__(self, images: np.ndarray, batch: int = 16) -> None:
             self.batches = iter(
-                [{"images": images[i : i + batch]} for i in range(0, len(images), batch)]
+                [{pkg.INPUT_NAME: images[i : i + batch]} for i in range(0, len(images), batch)]
             )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -229,7 +229,7 @@ def run_session(session: ort.InferenceSession, images: np.ndarray, batch: int = 
     """uint8 NHWC -> float32 NxD through an ONNX Runtime session."""
     return np.concatenate(
         [
-            session.run(["embeddings"], {"images": images[i : i + batch]})[0]
+            session.run([pkg.OUTPUT_NAME], {pkg.INPUT_NAME: images[i : i + batch]})[0]
             for i in range(0, len(images), batch)
         ]
     )
@@ -603,7 +603,7 @@ def build_card(
         "dataset": {"name": dataset_name(cfg.data) if cfg.data else "unknown", "source": cfg.data},
         "embedding_dim": int(embedding_dim),
         "input": {
-            "name": "images",
+            "name": pkg.INPUT_NAME,
             "height": pre.crop_height,
             "width": pre.crop_width,
             "channels": 3,
@@ -611,7 +611,7 @@ def build_card(
             "dtype": "uint8",
             "color": "RGB",
         },
-        "output": {"name": "embeddings", "dtype": "float32", "l2_normalized": True},
+        "output": {"name": pkg.OUTPUT_NAME, "dtype": "float32", "l2_normalized": True},
         "preprocess": {
             "resize": pre.resize,
             "crop": {"height": pre.crop_height, "width": pre.crop_width},

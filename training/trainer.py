@@ -114,13 +114,14 @@ class Normalize(nn.Module):
         return x.float() * self.scale - self.shift
 
 
-def embedding_spread(z: torch.Tensor) -> float:
-    """Mean per-dimension std of L2-normalized embeddings, times sqrt(D).
+def embedding_spread(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalized embeddings, times sqrt(D) (a 0-d tensor).
 
-    About 1 for embeddings spread over the sphere, 0 for a collapsed encoder.
+    About 1 for embeddings spread over the sphere, 0 for a collapsed encoder. Kept on the
+    device: the trainer reads it once per log window, not once per step.
     """
     zn = F.normalize(z.float(), dim=1)
-    return float(zn.std(0).mean() * math.sqrt(z.shape[1]))
+    return zn.std(0).mean() * math.sqrt(z.shape[1])
 
 
 class MetricsLog:
@@ -415,13 +416,14 @@ class Trainer:
                     last_of_epoch = self.step_in_epoch == self.steps_per_epoch
                     if window_steps == cfg.log_every or last_of_epoch:
                         losses = torch.stack(window_loss).float().cpu()
+                        spreads = torch.stack(window_spread).cpu().tolist()
                         mean_loss = all_reduce_mean(float(losses.mean()), self.device)
-                        for l_, s_ in zip(losses.tolist(), window_spread, strict=True):
+                        for l_, s_ in zip(losses.tolist(), spreads, strict=True):
                             self._check_health(l_, s_)
                         elapsed = time.perf_counter() - window_start
                         img_s = window_steps * per_step_images / elapsed
                         lr = self.optimizer.param_groups[0]["lr"]
-                        spread = float(np.mean(window_spread))
+                        spread = float(np.mean(spreads))
                         bar.set_postfix(
                             epoch=self.epoch,
                             loss=f"{mean_loss:.4f}",
