@@ -1,0 +1,554 @@
+"""Serving load benchmark: the BentoML service under a concurrency sweep, against what it could be.
+
+In one run, on the same photos:
+  - the service (`bentoml serve embedserve.service:EmbedService`, as `make serve` starts it) under
+    a closed-loop sweep of concurrency x images per request: img/s, req/s, p50/p95/p99 latency;
+  - (a) the in-process pipeline: decode + preprocess (embedserve.preprocess) + ONNX Runtime
+    (Encoder.embed) at the same batch sizes and at the server's max batch size, with the
+    server's variant, device and thread count; what HTTP serving can at best approach;
+  - (b) the naive server a user writes first (benchmarks/naive_torch_server.py: PyTorch eager,
+    one image per forward call, no batching) under the same sweep.
+Ratios at concurrency 16 are checked against the targets: HTTP >= 0.85 of (a) with 8 images per
+request, >= 0.6 of (a) with 1, and >= 2x (b). The load generator (benchmarks/http_load.py) is
+one asyncio process sending pre-built multipart bodies; its CPU time per request is recorded.
+Photos: ../shared/datasets/imagenette-160/val when present, else generated JPEGs (recorded).
+
+    python benchmarks/serve_load.py                 # full run -> benchmarks/results/serve_load.{json,md}
+    python benchmarks/serve_load.py --quick         # smoke: 2 s points, concurrency 1 and 4 (to /tmp)
+    python benchmarks/serve_load.py --env EMBEDSERVE_MAX_BATCH_SIZE=16 --skip-naive
+    python benchmarks/serve_load.py --url http://127.0.0.1:3000   # a server already running
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from http_load import (  # noqa: E402
+    BOUNDARY,
+    LoadError,
+    ServerProcess,
+    content_type,
+    free_port,
+    http_get,
+    multipart_body,
+    run_point,
+)
+
+IMAGENETTE_VAL = ROOT.parent / "shared" / "datasets" / "imagenette-160" / "val"
+RESULTS = ROOT / "benchmarks" / "results"
+SERVICE = "embedserve.service:EmbedService"
+NAIVE_SERVER = ROOT / "benchmarks" / "naive_torch_server.py"
+RATIO_CONCURRENCY = 16
+# Targets of the serving issue, at concurrency 16: HTTP img/s over (a) at the same batch size,
+# by images per request, and HTTP img/s over the naive server (b).
+PIPELINE_TARGETS = {8: 0.85, 1: 0.6}
+NAIVE_TARGET = 2.0
+
+
+# --- inputs and machine --------------------------------------------------------------------
+
+
+def load_jpegs(n: int) -> tuple[list[bytes], str]:
+    """The bytes of `n` photos spread over Imagenette val's classes, or of `n` generated JPEGs
+    when the dataset is absent; and a sentence saying which."""
+    if IMAGENETTE_VAL.is_dir():
+        paths = sorted(
+            p for p in IMAGENETTE_VAL.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg")
+        )
+        step = max(1, len(paths) // n)
+        chosen = paths[::step][:n]
+        return [p.read_bytes() for p in chosen], (
+            f"{len(chosen)} JPEG photos of {IMAGENETTE_VAL} (every {step}th file, 160x160, q80)"
+        )
+    return generated_jpegs(n), f"{n} generated 160x160 JPEGs (q80): the dataset was absent"
+
+
+def generated_jpegs(n: int, size: int = 160, seed: int = 0) -> list[bytes]:
+    """`n` deterministic photo-sized JPEGs: smooth colour fields with noise (compress like photos,
+    unlike pure noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = []
+    for _ in range(n):
+        f = rng.uniform(1, 4, 3)
+        ph = rng.uniform(0, 2 * np.pi, 3)
+        img = np.stack([np.sin(2 * np.pi * f[c] * (xx + yy * c / 2) + ph[c]) for c in range(3)], -1)
+        img = 127.5 * (1 + 0.9 * img) + rng.normal(0, 12, img.shape)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=80)
+        out.append(buf.getvalue())
+    return out
+
+
+def machine() -> dict:
+    """CPU model, core count, platform."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "platform": platform.platform()}
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from nvidia-smi, or None."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = out.stdout.strip().splitlines()
+    return names[0].strip() if out.returncode == 0 and names else None
+
+
+# --- the server and the sweep --------------------------------------------------------------
+
+
+def get_info(url: str) -> dict:
+    status, body = http_get(url.rstrip("/") + "/info", timeout=10)
+    if status != 200:
+        return {"error": f"GET /info: HTTP {status}"}
+    return json.loads(body)
+
+
+def sweep(
+    url: str,
+    jpegs: list[bytes],
+    concurrencies: list[int],
+    images_per_request: list[int],
+    duration: float,
+    warmup: float,
+    label: str,
+) -> list[dict]:
+    """Every (images per request, concurrency) point against `url`/embed; LoadError on failures."""
+    rows = []
+    for k in images_per_request:
+        # distinct bodies cycling through every photo; built once, before timing
+        bodies = [
+            multipart_body([jpegs[(i + j) % len(jpegs)] for j in range(k)])
+            for i in range(0, len(jpegs), k)
+        ]
+        for c in concurrencies:
+            point = asyncio.run(
+                run_point(
+                    url.rstrip("/") + "/embed",
+                    bodies,
+                    content_type(BOUNDARY),
+                    k,
+                    c,
+                    duration,
+                    warmup,
+                )
+            ).as_dict()
+            # the generator's share of one core: its CPU ms per request x requests per second
+            point["client_cpu_cores"] = round(
+                point["client_cpu_ms_per_request"] * point["req_s"] / 1000, 3
+            )
+            print(f"{label}: {json.dumps(point)}", flush=True)
+            rows.append(point)
+    return rows
+
+
+def service_command(port: int) -> list[str]:
+    """`bentoml serve` from this interpreter's environment, as `make serve` runs it."""
+    return [str(Path(sys.executable).parent / "bentoml"), "serve", SERVICE, "--port", str(port)]
+
+
+def naive_command(port: int, size: int) -> list[str]:
+    return [sys.executable, str(NAIVE_SERVER), "--port", str(port), "--size", str(size)]
+
+
+# --- (a): the in-process pipeline ----------------------------------------------------------
+
+
+def server_settings(info: dict, env: dict[str, str]) -> dict:
+    """Package, variant, device, threads and max batch size of the server, from its /info and
+    the environment it was given (the defaults of Encoder otherwise)."""
+    batching = info.get("batching")
+    max_batch = batching.get("max_batch_size") if isinstance(batching, dict) else None
+    if max_batch is None and env.get("EMBEDSERVE_MAX_BATCH_SIZE"):
+        max_batch = int(env["EMBEDSERVE_MAX_BATCH_SIZE"])
+    threads = info.get("threads")
+    if not isinstance(threads, int):
+        threads = int(env.get("EMBEDSERVE_THREADS") or os.cpu_count() or 1)
+    provider = str(info.get("provider", ""))
+    device = "cuda" if "CUDA" in provider else env.get("EMBEDSERVE_DEVICE", "cpu")
+    return {
+        "package": env.get("EMBEDSERVE_MODEL") or info.get("model"),
+        "variant": info.get("variant") or env.get("EMBEDSERVE_VARIANT") or "auto",
+        "device": "cpu" if device == "auto" else device,
+        "threads": threads,
+        "max_batch_size": max_batch,
+    }
+
+
+def pipeline_rates(
+    settings: dict, jpegs: list[bytes], batches: list[int], images: int, repeats: int
+) -> dict:
+    """(a): img/s of decode + preprocess + Encoder.embed on JPEG bytes, per batch size (median of
+    `repeats` passes over at least `images` images), and of decode + preprocess alone."""
+    from embedserve.package import Encoder, PackageError, load_package
+    from embedserve.preprocess import preprocess_batch
+
+    try:
+        package = load_package(settings["package"])
+    except PackageError:  # /info may name the model by something other than its folder
+        package = load_package(None)
+    encoder = Encoder(
+        package, settings["variant"], settings["device"], intra_op_threads=settings["threads"]
+    )
+    pre = package.preprocess
+
+    def timed(batch: int, work) -> tuple[float, list[float]]:
+        chunks = [
+            [jpegs[(i + j) % len(jpegs)] for j in range(batch)]
+            for i in range(0, max(images, 4 * batch), batch)
+        ]
+        for c in chunks[:2]:
+            work(c)  # warm-up
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for c in chunks:
+                work(c)
+            rates.append(len(chunks) * batch / (time.perf_counter() - t0))
+        return round(statistics.median(rates), 1), [round(r, 1) for r in rates]
+
+    rows = []
+    for b in batches:
+        rate, runs = timed(b, lambda c: encoder.embed(preprocess_batch(c, pre)))
+        rows.append({"batch": b, "img_s": rate, "runs": runs})
+        print(f"pipeline (a): batch {b}: {rate} img/s", flush=True)
+    decode_rate, _ = timed(8, lambda c: preprocess_batch(c, pre))
+    print(f"decode + preprocess alone: {decode_rate} img/s", flush=True)
+    return {
+        "package": package.name,
+        "variant": encoder.variant,
+        "providers": encoder.providers,
+        "threads": settings["threads"],
+        "rows": rows,
+        "decode_preprocess_img_s": decode_rate,
+        "input_size": package.card["input"]["height"],
+    }
+
+
+# --- ratios and the report -----------------------------------------------------------------
+
+
+def at(rows: list[dict], concurrency: int, k: int) -> dict | None:
+    return next(
+        (r for r in rows if r["concurrency"] == concurrency and r["images_per_request"] == k),
+        None,
+    )
+
+
+def ratios(service: list[dict], naive: list[dict], pipeline: dict | None, max_batch) -> dict:
+    """HTTP img/s over (a) at the same batch and at the max batch, and over (b), at concurrency
+    16 (or the highest measured below it), with the targets and whether they are met."""
+    concs = sorted({r["concurrency"] for r in service})
+    if not concs:
+        return {}
+    c = RATIO_CONCURRENCY if RATIO_CONCURRENCY in concs else max(concs)
+    pipe = {r["batch"]: r["img_s"] for r in (pipeline or {}).get("rows", [])}
+    out: dict = {"concurrency": c, "by_images_per_request": {}}
+    for k in sorted({r["images_per_request"] for r in service}):
+        s, n = at(service, c, k), at(naive, c, k)
+        row: dict = {"http_img_s": s["img_s"]}
+        if k in pipe:
+            row["pipeline_img_s"] = pipe[k]
+            row["vs_pipeline"] = round(s["img_s"] / pipe[k], 3)
+            if k in PIPELINE_TARGETS:
+                row["vs_pipeline_target"] = PIPELINE_TARGETS[k]
+                row["vs_pipeline_met"] = row["vs_pipeline"] >= PIPELINE_TARGETS[k]
+        if max_batch in pipe:
+            row["pipeline_max_batch_img_s"] = pipe[max_batch]
+            row["vs_pipeline_max_batch"] = round(s["img_s"] / pipe[max_batch], 3)
+        if n:
+            row["naive_img_s"] = n["img_s"]
+            row["vs_naive"] = round(s["img_s"] / n["img_s"], 2)
+            row["vs_naive_target"] = NAIVE_TARGET
+            row["vs_naive_met"] = row["vs_naive"] >= NAIVE_TARGET
+        out["by_images_per_request"][str(k)] = row
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The results as a markdown report."""
+    m = result["machine"]
+    info = result.get("service_info") or {}
+    lines = [
+        "# Serving load benchmark",
+        "",
+        f"- Command: `{result['command']}`",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}"
+        + (f"; GPU: {result['gpu']}" if result.get("gpu") else ""),
+        f"- Service: provider {info.get('provider', 'n/a')}, variant {info.get('variant', 'n/a')}, "
+        f"threads {info.get('threads', 'n/a')}, batching {json.dumps(info.get('batching'))}; "
+        f"environment {json.dumps(result['server_env'])}",
+        f"- Photos: {result['images']}",
+        f"- Load: closed loop, {result['duration_s']} s per point after {result['warmup_s']} s "
+        "warm-up; one asyncio client process on the same cores as the server",
+        "",
+    ]
+
+    def table(title: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        lines.extend(
+            [
+                f"## {title}",
+                "",
+                "| images/req | concurrency | img/s | req/s | p50 ms | p95 ms | p99 ms | client CPU ms/req |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+        )
+        for r in rows:
+            lines.append(
+                f"| {r['images_per_request']} | {r['concurrency']} | {r['img_s']} | {r['req_s']} | "
+                f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['client_cpu_ms_per_request']} |"
+            )
+        lines.append("")
+
+    table("BentoML service (HTTP)", result["service"])
+    table("(b) naive server: PyTorch eager, one image per call (HTTP)", result["naive"])
+    p = result.get("pipeline")
+    if p:
+        lines += [
+            f"## (a) in-process pipeline: decode + preprocess + ONNX Runtime ({p['variant']}, "
+            f"{', '.join(p['providers'])}, {p['threads']} threads)",
+            "",
+            "| batch | img/s |",
+            "|---:|---:|",
+            *[f"| {r['batch']} | {r['img_s']} |" for r in p["rows"]],
+            "",
+            f"Decode + preprocess alone: {p['decode_preprocess_img_s']} img/s.",
+            "",
+        ]
+    r = result.get("ratios")
+    if r:
+        lines += [
+            f"## Ratios at concurrency {r['concurrency']}",
+            "",
+            "| images/req | HTTP img/s | / (a) same batch | target | / (a) max batch | / (b) naive | target |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+
+        def mark(row: dict, key: str) -> str:
+            if key not in row:
+                return "n/a"
+            return f"{row[key]}" + (
+                "" if f"{key}_met" not in row else (" ok" if row[f"{key}_met"] else " **missed**")
+            )
+
+        for k, row in r["by_images_per_request"].items():
+            lines.append(
+                f"| {k} | {row['http_img_s']} | {mark(row, 'vs_pipeline')} | "
+                f"{row.get('vs_pipeline_target', 'n/a')} | {row.get('vs_pipeline_max_batch', 'n/a')} | "
+                f"{mark(row, 'vs_naive')} | {row.get('vs_naive_target', 'n/a')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--env wants KEY=VALUE, not {item!r}")
+        env[key] = value
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--url", help="benchmark this running server instead of starting the service")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per point")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each point")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--naive-concurrency",
+        type=int,
+        nargs="+",
+        default=None,
+        help="concurrency sweep of the naive server (default: --concurrency)",
+    )
+    p.add_argument("--skip-naive", action="store_true", help="do not run the naive server (b)")
+    p.add_argument("--skip-service", action="store_true", help="only (a) and (b)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the started service (repeatable), e.g. EMBEDSERVE_MAX_BATCH_SIZE=32",
+    )
+    p.add_argument("--images", type=int, default=256, help="distinct photos cycled through")
+    p.add_argument("--pipeline-repeats", type=int, default=5)
+    p.add_argument("--ready-timeout", type=float, default=180.0)
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 s points, concurrency 1 and 4, to /tmp"
+    )
+    p.add_argument(
+        "--out", help="output path without suffix (default: benchmarks/results/serve_load)"
+    )
+    p.add_argument("--log-dir", help="server logs (default: a new folder in /tmp)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.concurrency = 2.0, 1.0, [1, 4]
+        args.images, args.pipeline_repeats = 64, 2
+    out = Path(
+        args.out
+        or (
+            Path(tempfile.gettempdir()) / "serve_load.quick"
+            if args.quick
+            else RESULTS / "serve_load"
+        )
+    )
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="serve_load-"))
+    env = parse_env(args.env)
+    jpegs, source = load_jpegs(args.images)
+    print(f"photos: {source}; server logs in {log_dir}", flush=True)
+    sweep_args = dict(duration=args.duration, warmup=args.warmup)
+
+    result: dict = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "gpu": None,
+        "images": source,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "server_env": env,
+        "service_info": None,
+        "service": [],
+        "pipeline": None,
+        "naive_info": None,
+        "naive": [],
+        "ratios": {},
+    }
+    try:
+        info: dict = {}
+        if args.url:
+            info = get_info(args.url)
+            result["service_info"] = info
+            result["service"] = sweep(
+                args.url,
+                jpegs,
+                args.concurrency,
+                args.images_per_request,
+                label="service",
+                **sweep_args,
+            )
+        elif not args.skip_service:
+            if not (ROOT / "embedserve" / "service.py").is_file():
+                raise SystemExit("embedserve/service.py does not exist yet: use --skip-service")
+            port = free_port()
+            with ServerProcess(
+                service_command(port),
+                port,
+                log_dir / "service.log",
+                env,
+                cwd=ROOT,
+                ready_timeout=args.ready_timeout,
+            ) as server:
+                info = get_info(server.url)
+                result["service_info"] = info
+                print(f"service /info: {json.dumps(info)}", flush=True)
+                try:
+                    result["service"] = sweep(
+                        server.url,
+                        jpegs,
+                        args.concurrency,
+                        args.images_per_request,
+                        label="service",
+                        **sweep_args,
+                    )
+                except LoadError:
+                    print(f"service log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+                    raise
+        settings = server_settings(info, env)
+        if "CUDA" in str(info.get("provider", "")):
+            result["gpu"] = gpu_name()
+        # (a) runs while no server is loaded (an external --url server is idle by now)
+        batches = sorted(
+            {
+                *args.images_per_request,
+                *([settings["max_batch_size"]] if settings["max_batch_size"] else []),
+            }
+        )
+        result["pipeline"] = pipeline_rates(
+            settings, jpegs, batches, images=args.images, repeats=args.pipeline_repeats
+        )
+        if not args.skip_naive:
+            port = free_port()
+            size = result["pipeline"]["input_size"]  # the naive model sees the same pixels
+            with ServerProcess(
+                naive_command(port, size),
+                port,
+                log_dir / "naive.log",
+                cwd=ROOT,
+                ready_timeout=args.ready_timeout,
+            ) as server:
+                result["naive_info"] = get_info(server.url)
+                try:
+                    result["naive"] = sweep(
+                        server.url,
+                        jpegs,
+                        args.naive_concurrency or args.concurrency,
+                        args.images_per_request,
+                        label="naive",
+                        **sweep_args,
+                    )
+                except LoadError:
+                    print(f"naive log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+                    raise
+        result["ratios"] = ratios(
+            result["service"], result["naive"], result["pipeline"], settings["max_batch_size"]
+        )
+    except LoadError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(markdown(result))
+    print(json.dumps(result["ratios"], indent=2))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
