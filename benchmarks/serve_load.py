@@ -52,6 +52,9 @@ from http_load import (  # noqa: E402
     run_point,
 )
 
+from embedserve.package import Encoder, ModelPackage, PackageError, load_package  # noqa: E402
+from embedserve.preprocess import preprocess_batch  # noqa: E402
+
 IMAGENETTE_VAL = ROOT.parent / "shared" / "datasets" / "imagenette-160" / "val"
 RESULTS = ROOT / "benchmarks" / "results"
 SERVICE = "embedserve.service:EmbedService"
@@ -210,18 +213,21 @@ def server_settings(info: dict, env: dict[str, str]) -> dict:
     }
 
 
+def open_package(name: str | None) -> ModelPackage:
+    """The package the server runs: by name or path, else models/DEFAULT (/info may name the
+    model by something other than its folder)."""
+    try:
+        return load_package(name)
+    except PackageError:
+        return load_package(None)
+
+
 def pipeline_rates(
     settings: dict, jpegs: list[bytes], batches: list[int], images: int, repeats: int
 ) -> dict:
     """(a): img/s of decode + preprocess + Encoder.embed on JPEG bytes, per batch size (median of
     `repeats` passes over at least `images` images), and of decode + preprocess alone."""
-    from embedserve.package import Encoder, PackageError, load_package
-    from embedserve.preprocess import preprocess_batch
-
-    try:
-        package = load_package(settings["package"])
-    except PackageError:  # /info may name the model by something other than its folder
-        package = load_package(None)
+    package = open_package(settings["package"])
     encoder = Encoder(
         package, settings["variant"], settings["device"], intra_op_threads=settings["threads"]
     )
@@ -409,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-naive", action="store_true", help="do not run the naive server (b)")
     p.add_argument("--skip-service", action="store_true", help="only (a) and (b)")
+    p.add_argument("--skip-pipeline", action="store_true", help="do not measure (a)")
     p.add_argument(
         "--env",
         action="append",
@@ -509,12 +516,14 @@ def main(argv: list[str] | None = None) -> int:
                 *([settings["max_batch_size"]] if settings["max_batch_size"] else []),
             }
         )
-        result["pipeline"] = pipeline_rates(
-            settings, jpegs, batches, images=args.images, repeats=args.pipeline_repeats
-        )
+        if not args.skip_pipeline:
+            result["pipeline"] = pipeline_rates(
+                settings, jpegs, batches, images=args.images, repeats=args.pipeline_repeats
+            )
         if not args.skip_naive:
             port = free_port()
-            size = result["pipeline"]["input_size"]  # the naive model sees the same pixels
+            # the naive model sees the same pixels as the package's model
+            size = open_package(settings["package"]).card["input"]["height"]
             with ServerProcess(
                 naive_command(port, size),
                 port,

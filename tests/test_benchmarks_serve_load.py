@@ -1,0 +1,156 @@
+"""The pure parts of the serving load benchmark (benchmarks/http_load.py) and its naive server.
+
+The percentile and multipart helpers decide what the benchmark reports and what the servers
+receive, so they are pinned against independent implementations (numpy, the standard library's
+MIME parser). One slow test starts the naive PyTorch server and checks a real /embed answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import io
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from http_load import (  # noqa: E402
+    BOUNDARY,
+    ServerProcess,
+    check_answer,
+    content_type,
+    free_port,
+    latency_summary_ms,
+    multipart_body,
+    percentile,
+    run_point,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _jpeg(seed: int, size: int = 40) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _parse_multipart(body: bytes, ctype: str) -> list[tuple[str, str, str, bytes]]:
+    """(field name, filename, content type, bytes) of every part, by the stdlib MIME parser."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {ctype}\r\n\r\n".encode() + body
+    )
+    assert msg.is_multipart()
+    return [
+        (
+            part.get_param("name", header="content-disposition"),
+            part.get_filename(),
+            part.get_content_type(),
+            part.get_payload(decode=True),
+        )
+        for part in msg.iter_parts()
+    ]
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+def test_percentile_matches_numpy_linear_interpolation(q, n):
+    values = np.random.default_rng(n).exponential(size=n).tolist()
+    assert percentile(values, q) == pytest.approx(np.percentile(values, q), rel=1e-12)
+
+
+def test_percentile_ignores_input_order_and_handles_edge_cases():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([5.0], 99) == 5.0
+    assert np.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_latency_summary_reports_milliseconds_in_order():
+    s = latency_summary_ms([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert s["p50_ms"] == pytest.approx(50.5)
+    assert s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"] <= 100
+    assert s["mean_ms"] == pytest.approx(50.5)
+
+
+@pytest.mark.parametrize("count", [1, 8])
+def test_multipart_body_parses_back_into_the_same_files(count):
+    files = [_jpeg(i) for i in range(count)]
+    parts = _parse_multipart(multipart_body(files), content_type(BOUNDARY))
+    assert [p[0] for p in parts] == ["images"] * count
+    assert [p[2] for p in parts] == ["image/jpeg"] * count
+    assert len({p[1] for p in parts}) == count  # distinct file names
+    assert [p[3] for p in parts] == files  # byte for byte, in order
+
+
+def test_multipart_body_keeps_crlf_and_dashes_inside_files():
+    tricky = b"\r\n--not-the-boundary\r\n\r\n\x00\xff--"
+    parts = _parse_multipart(multipart_body([tricky, b""], "B0UNDARY"), content_type("B0UNDARY"))
+    assert [p[3] for p in parts] == [tricky, b""]
+
+
+def test_multipart_body_refuses_a_file_containing_the_boundary():
+    with pytest.raises(ValueError, match="boundary"):
+        multipart_body([b"xx--" + BOUNDARY.encode() + b"xx"])
+
+
+def test_check_answer_counts_rows_and_their_size():
+    check_answer(json.dumps({"model": "m", "dim": 2, "embeddings": [[0, 1], [1, 0]]}).encode(), 2)
+    for bad in (
+        {"model": "m", "dim": 2, "embeddings": [[0, 1]]},  # one row for two images
+        {"model": "m", "dim": 3, "embeddings": [[0, 1], [1, 0]]},  # rows shorter than dim
+        {"error": "nope"},
+    ):
+        with pytest.raises(RuntimeError):
+            check_answer(json.dumps(bad).encode(), 2)
+
+
+@pytest.mark.slow
+def test_naive_server_answers_embed_and_the_load_generator_drives_it(tmp_path):
+    pytest.importorskip("torch", reason="the naive server needs torch (the train extra)")
+    pytest.importorskip("torchvision", reason="the naive server needs torchvision")
+    pytest.importorskip("aiohttp", reason="the load generator needs aiohttp")
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "naive_torch_server.py"), "--port", str(port)]
+    with ServerProcess(cmd, port, tmp_path / "naive.log", cwd=ROOT, ready_timeout=120) as server:
+        files = [_jpeg(0, 160), _jpeg(1, 200)]
+        request = urllib.request.Request(
+            server.url + "/embed",
+            data=multipart_body(files),
+            headers={"Content-Type": content_type()},
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert r.status == 200
+            answer = json.loads(r.read())
+        assert answer["dim"] == 512
+        z = np.array(answer["embeddings"])
+        assert z.shape == (2, 512)
+        np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+
+        point = asyncio.run(
+            run_point(
+                server.url + "/embed",
+                [multipart_body([f]) for f in files],
+                content_type(),
+                images_per_request=1,
+                concurrency=2,
+                duration=1.0,
+                warmup=0.3,
+            )
+        )
+        assert point.errors == 0 and point.requests > 0
+        assert point.p50_ms <= point.p99_ms
+        pid = server.proc.pid
+    with pytest.raises(ProcessLookupError):  # the whole process group is gone
+        os.killpg(pid, 0)
