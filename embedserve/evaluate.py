@@ -48,15 +48,15 @@ class AnnSetting:
 def default_ann_settings(n: int) -> list[AnnSetting]:
     """IVF (nlist ~ 4 sqrt(n)), HNSW32 and IVF-PQ (8 dims per byte) at a few settings each.
 
-    IVF needs at least nlist training vectors and PQ 256 per sub-quantizer (FAISS asks for 39
-    times that for good centroids): smaller galleries skip them.
+    k-means needs more training vectors than centroids (FAISS warns below 39 per centroid, but
+    works): IVF is skipped below 8 vectors per list, PQ (256 centroids) below 4,096 vectors.
     """
     nlist = max(1, int(4 * math.sqrt(n)))
     probes = tuple(p for p in (1, 2, 4, 8, 16, 32, 64) if p <= nlist)
     settings = [AnnSetting("HNSW32", "efSearch", (16, 32, 64, 128, 256))]
-    if n >= 39 * nlist:
+    if n >= 8 * nlist:
         settings.insert(0, AnnSetting(f"IVF{nlist},Flat", "nprobe", probes))
-    if n >= 39 * 256:
+    if n >= 16 * 256:
         pq_probes = tuple(p for p in (4, 16, 64) if p <= nlist)
         settings.append(AnnSetting(f"IVF{nlist},PQ64", "nprobe", pq_probes))
     return settings

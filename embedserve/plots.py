@@ -33,7 +33,8 @@ def plot_recall_qps(report: dict[str, Any], out: str | os.PathLike, k: int = 10)
     for name, rows in by_index.items():
         qps = [r["qps"] for r in rows]
         recall = [r[f"recall@{k}"] for r in rows]
-        ax.plot(qps, recall, marker="o", label=name)
+        parameter = rows[0]["parameter"]
+        ax.plot(qps, recall, marker="o", label=f"{name} ({parameter})" if parameter else name)
         for r, x, y in zip(rows, qps, recall, strict=True):
             if r["parameter"]:
                 ax.annotate(
