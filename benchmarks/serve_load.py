@@ -142,6 +142,16 @@ def get_info(url: str) -> dict:
     return json.loads(body)
 
 
+def batching_counters(url: str) -> dict | None:
+    """The service's cumulative batching counters from /info (None when it reports none)."""
+    try:
+        batching = get_info(url).get("batching")
+    except (OSError, ValueError):
+        return None
+    observed = batching.get("observed") if isinstance(batching, dict) else None
+    return observed if isinstance(observed, dict) else None
+
+
 def sweep(
     url: str,
     jpegs: list[bytes],
@@ -160,6 +170,7 @@ def sweep(
             for i in range(0, len(jpegs), k)
         ]
         for c in concurrencies:
+            before = batching_counters(url)
             point = asyncio.run(
                 run_point(
                     url.rstrip("/") + "/embed",
@@ -171,6 +182,14 @@ def sweep(
                     warmup,
                 )
             ).as_dict()
+            after = batching_counters(url)
+            if before and after and after.get("model_calls", 0) > before.get("model_calls", 0):
+                # images per model call over the point (warm-up and tail included)
+                point["server_mean_batch"] = round(
+                    (after["images"] - before["images"])
+                    / (after["model_calls"] - before["model_calls"]),
+                    1,
+                )
             # the generator's share of one core: its CPU ms per request x requests per second
             point["client_cpu_cores"] = round(
                 point["client_cpu_ms_per_request"] * point["req_s"] / 1000, 3
@@ -200,12 +219,17 @@ def server_settings(info: dict, env: dict[str, str]) -> dict:
     if max_batch is None and env.get("EMBEDSERVE_MAX_BATCH_SIZE"):
         max_batch = int(env["EMBEDSERVE_MAX_BATCH_SIZE"])
     threads = info.get("threads")
+    if isinstance(threads, dict):  # {"intra_op": N, "decode": M}
+        threads = threads.get("intra_op")
     if not isinstance(threads, int):
         threads = int(env.get("EMBEDSERVE_THREADS") or os.cpu_count() or 1)
+    model = info.get("model")
+    if isinstance(model, dict):  # the card's essentials
+        model = model.get("name")
     provider = str(info.get("provider", ""))
     device = "cuda" if "CUDA" in provider else env.get("EMBEDSERVE_DEVICE", "cpu")
     return {
-        "package": env.get("EMBEDSERVE_MODEL") or info.get("model"),
+        "package": env.get("EMBEDSERVE_MODEL") or model,
         "variant": info.get("variant") or env.get("EMBEDSERVE_VARIANT") or "auto",
         "device": "cpu" if device == "auto" else device,
         "threads": threads,
@@ -317,7 +341,8 @@ def markdown(result: dict) -> str:
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}"
         + (f"; GPU: {result['gpu']}" if result.get("gpu") else ""),
         f"- Service: provider {info.get('provider', 'n/a')}, variant {info.get('variant', 'n/a')}, "
-        f"threads {info.get('threads', 'n/a')}, batching {json.dumps(info.get('batching'))}; "
+        f"threads {json.dumps(info.get('threads'))}, batching {json.dumps(info.get('batching'))}, "
+        f"workers {info.get('workers', 'n/a')}; "
         f"environment {json.dumps(result['server_env'])}",
         f"- Photos: {result['images']}",
         f"- Load: closed loop, {result['duration_s']} s per point after {result['warmup_s']} s "
@@ -328,18 +353,21 @@ def markdown(result: dict) -> str:
     def table(title: str, rows: list[dict]) -> None:
         if not rows:
             return
+        batched = any("server_mean_batch" in r for r in rows)
         lines.extend(
             [
                 f"## {title}",
                 "",
-                "| images/req | concurrency | img/s | req/s | p50 ms | p95 ms | p99 ms | client CPU ms/req |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                "| images/req | concurrency | img/s | req/s | p50 ms | p95 ms | p99 ms | client CPU ms/req |"
+                + (" images per model call |" if batched else ""),
+                "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if batched else ""),
             ]
         )
         for r in rows:
             lines.append(
                 f"| {r['images_per_request']} | {r['concurrency']} | {r['img_s']} | {r['req_s']} | "
                 f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['client_cpu_ms_per_request']} |"
+                + (f" {r.get('server_mean_batch', 'n/a')} |" if batched else "")
             )
         lines.append("")
 
@@ -402,9 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--url", help="benchmark this running server instead of starting the service")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per point")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each point")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--duration", type=float, help="seconds measured per point (10; quick 2)")
+    p.add_argument("--warmup", type=float, help="seconds of load before each point (2; quick 1)")
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", help="closed-loop workers (1 4 16 64; quick 1 4)"
+    )
     p.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8])
     p.add_argument(
         "--naive-concurrency",
@@ -423,20 +453,27 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="environment of the started service (repeatable), e.g. EMBEDSERVE_MAX_BATCH_SIZE=32",
     )
-    p.add_argument("--images", type=int, default=256, help="distinct photos cycled through")
-    p.add_argument("--pipeline-repeats", type=int, default=5)
+    p.add_argument("--images", type=int, help="distinct photos cycled through (256; quick 64)")
+    p.add_argument("--pipeline-repeats", type=int, help="repeats of (a) (5; quick 2)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument(
-        "--quick", action="store_true", help="smoke run: 2 s points, concurrency 1 and 4, to /tmp"
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 s points, concurrency 1 and 4, to /tmp (explicit options win)",
     )
     p.add_argument(
         "--out", help="output path without suffix (default: benchmarks/results/serve_load)"
     )
     p.add_argument("--log-dir", help="server logs (default: a new folder in /tmp)")
     args = p.parse_args(argv)
+    defaults = dict(duration=10.0, warmup=2.0, concurrency=[1, 4, 16, 64], images=256)
+    defaults["pipeline_repeats"] = 5
     if args.quick:
-        args.duration, args.warmup, args.concurrency = 2.0, 1.0, [1, 4]
-        args.images, args.pipeline_repeats = 64, 2
+        defaults.update(duration=2.0, warmup=1.0, concurrency=[1, 4], images=64)
+        defaults["pipeline_repeats"] = 2
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     out = Path(
         args.out
         or (
@@ -503,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                         label="service",
                         **sweep_args,
                     )
+                    result["service_info_after"] = get_info(server.url)
                 except LoadError:
                     print(f"service log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
                     raise
