@@ -154,3 +154,69 @@ def test_naive_server_answers_embed_and_the_load_generator_drives_it(tmp_path):
         pid = server.proc.pid
     with pytest.raises(ProcessLookupError):  # the whole process group is gone
         os.killpg(pid, 0)
+
+
+def _serve_load():
+    import serve_load
+
+    return serve_load
+
+
+def test_server_settings_read_the_services_info():
+    info = {
+        "model": {"name": "simsiam-resnet18-imagenette"},
+        "variant": "int8",
+        "provider": "CPUExecutionProvider",
+        "threads": {"intra_op": 2, "decode": 2},
+        "batching": {"max_batch_size": 32, "max_latency_ms": 10000},
+    }
+    s = _serve_load().server_settings(info, {})
+    assert s == {
+        "package": "simsiam-resnet18-imagenette",
+        "variant": "int8",
+        "device": "cpu",
+        "threads": 2,
+        "max_batch_size": 32,
+    }
+    cuda = _serve_load().server_settings({**info, "provider": "CUDAExecutionProvider"}, {})
+    assert cuda["device"] == "cuda"
+
+
+def test_server_settings_fall_back_to_the_environment():
+    env = {
+        "EMBEDSERVE_THREADS": "3",
+        "EMBEDSERVE_MAX_BATCH_SIZE": "16",
+        "EMBEDSERVE_VARIANT": "fp32",
+    }
+    s = _serve_load().server_settings({}, env)
+    assert (s["threads"], s["max_batch_size"], s["variant"], s["device"]) == (3, 16, "fp32", "cpu")
+
+
+def _row(c: int, k: int, img_s: float) -> dict:
+    return {"concurrency": c, "images_per_request": k, "img_s": img_s}
+
+
+def test_ratios_at_concurrency_16_against_the_pipeline_and_the_naive_server():
+    service = [_row(4, 1, 50.0), _row(16, 1, 180.0), _row(16, 8, 255.0)]
+    naive = [_row(16, 1, 60.0), _row(16, 8, 150.0)]
+    pipeline = {
+        "rows": [
+            {"batch": 1, "img_s": 250.0},
+            {"batch": 8, "img_s": 300.0},
+            {"batch": 32, "img_s": 400.0},
+        ]
+    }
+    r = _serve_load().ratios(service, naive, pipeline, max_batch=32)
+    assert r["concurrency"] == 16
+    one, eight = r["by_images_per_request"]["1"], r["by_images_per_request"]["8"]
+    assert one["vs_pipeline"] == pytest.approx(0.72) and one["vs_pipeline_met"]  # target 0.6
+    assert eight["vs_pipeline"] == pytest.approx(0.85) and eight["vs_pipeline_met"]  # target 0.85
+    assert eight["vs_pipeline_max_batch"] == pytest.approx(255 / 400, abs=1e-3)
+    assert one["vs_naive"] == 3.0 and one["vs_naive_met"]
+    assert eight["vs_naive"] == 1.7 and not eight["vs_naive_met"]  # target 2x
+
+
+def test_ratios_fall_back_to_the_highest_concurrency_measured():
+    r = _serve_load().ratios([_row(1, 1, 10.0), _row(4, 1, 20.0)], [], None, None)
+    assert r["concurrency"] == 4
+    assert r["by_images_per_request"]["1"] == {"http_img_s": 20.0}
