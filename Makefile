@@ -22,11 +22,9 @@ $(VENV)/.train-installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[train,dev]"
 	touch $@ $(VENV)/.serve-installed
 
+# Settings: EMBEDSERVE_* environment variables (README, "Configuration"), e.g.
+#   EMBEDSERVE_DEVICE=cpu EMBEDSERVE_INDEX=indexes/imagenette make serve PORT=3000
 serve: $(VENV)/.serve-installed
-	@if [ ! -f embedserve/service.py ]; then \
-		echo "make serve: the HTTP service is not built yet (see the open issue 'The BentoML embedding service')." >&2; \
-		exit 2; \
-	fi
 	$(VENV)/bin/bentoml serve embedserve.service:EmbedService --port $(PORT)
 
 test: $(VENV)/.train-installed

@@ -241,6 +241,25 @@ def check_session_io(session, card: dict[str, Any], where: str) -> None:
         raise PackageError(f"{where} does not match its card: " + "; ".join(problems))
 
 
+def cuda_session_starts(package: ModelPackage) -> bool:
+    """Whether ONNX Runtime really runs a session of `package` on CUDA here.
+
+    `get_available_providers()` lists CUDA wherever onnxruntime-gpu is installed, even without a
+    GPU or the CUDA libraries; only a session's `get_providers()` tells. Opens the smallest file.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    smallest = min(package.variants, key=lambda v: package.file(v).stat().st_size)
+    try:
+        session = ort.InferenceSession(
+            str(package.file(smallest)),
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        )
+    except Exception:  # noqa: BLE001 (a provider that fails to load is the answer "no")
+        return False
+    return "CUDAExecutionProvider" in session.get_providers()
+
+
 class Encoder:
     """An ONNX Runtime session on one verified variant of a package.
 
@@ -285,6 +304,7 @@ class Encoder:
             self.variant = package.choose_variant("cpu") if variant == "auto" else variant
             self.session = self._open(options, ["CPUExecutionProvider"])
         self.providers: list[str] = self.session.get_providers()
+        self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.input_name = package.card["input"]["name"]
         self.output_name = package.card["output"]["name"]
 
@@ -318,9 +338,16 @@ class Encoder:
             )
         if len(images) == 0:
             return np.zeros((0, self.package.embedding_dim), np.float32)
-        return self.session.run(
-            [self.output_name], {self.input_name: np.ascontiguousarray(images)}
-        )[0]
+        images = np.ascontiguousarray(images)
+        if self.on_cuda:
+            # I/O binding: the input is copied to the GPU once, the output stays there until
+            # one copy back, instead of the copies run() makes through its own buffers.
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, images)
+            binding.bind_output(self.output_name, "cuda")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        return self.session.run([self.output_name], {self.input_name: images})[0]
 
     def embed_images(self, items: Sequence) -> np.ndarray:
         """Image files, bytes, PIL images or uint8 HWC arrays -> float32 [N, D], preprocessed as

@@ -1,0 +1,102 @@
+"""Adaptive batching of model calls across concurrent requests.
+
+The dispatcher is BentoML's own (`CorkDispatcher`, the class behind `@bentoml.api(batchable=True)`):
+it learns the model's cost per batch and per image from the calls it makes, and releases a
+batch when waiting longer would cost more latency than it saves; a request that would wait past
+`max_latency_ms` is shed (the service answers 503) instead of queueing without bound.
+
+Why not a `batchable=True` endpoint called from /embed: BentoML reaches such an endpoint from
+inside the same service only through an HTTP self-proxy that encodes the array as JSON (measured
+here: 16 requests/s and 503s for 128x128 images), and a second service via `bentoml.depends`
+adds a process and an HTTP hop per request (196 requests/s against 452 for this dispatcher,
+with connection resets under load). Decoding and validation stay per request, outside the
+batch, so one client's bad file can never fail another client's images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+
+import numpy as np
+from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+
+class Overloaded(RuntimeError):
+    """The batch queue is longer than the latency budget allows (answered with a 503)."""
+
+
+class AdaptiveBatcher:
+    """`await batcher(x)`, x [n, ...] -> fn(concatenation of concurrent xs)[the rows of x].
+
+    `fn` is blocking (an ONNX Runtime call) and runs on `executor`, one batch at a time; the
+    event loop stays free to parse and decode the next requests meanwhile.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int,
+        max_latency_ms: int,
+        executor: Executor | None = None,
+    ) -> None:
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_latency_ms = max_latency_ms
+        self._executor = executor
+        self._dispatcher = CorkDispatcher(
+            max_latency_in_ms=max_latency_ms,
+            max_batch_size=max_batch_size,
+            fallback=self._overloaded,
+            get_batch_size=len,
+            batch_dim=(0, 0),
+        )
+        self._call = self._dispatcher(self._run)
+        self._lock = threading.Lock()
+        self.calls = 0  # model calls made
+        self.requests = 0  # inputs served (one per awaited call)
+        self.images = 0  # rows served
+        self.largest = 0  # most rows in one model call
+        self.most_requests = 0  # most inputs merged into one model call
+
+    @staticmethod
+    def _overloaded() -> np.ndarray:
+        raise Overloaded("the server is overloaded: the batch queue exceeds max_latency_ms")
+
+    async def _run(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        sizes = [len(b) for b in batches]
+        batch = np.concatenate(batches) if len(batches) > 1 else batches[0]
+        out = await asyncio.get_running_loop().run_in_executor(self._executor, self.fn, batch)
+        with self._lock:
+            self.calls += 1
+            self.requests += len(batches)
+            self.images += len(batch)
+            self.largest = max(self.largest, len(batch))
+            self.most_requests = max(self.most_requests, len(batches))
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    async def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Rows of `fn` for the rows of `x`, batched with whatever else is waiting."""
+        return await self._call(x)
+
+    def reset_stats(self) -> None:
+        """Forget the counts so far (after the warm-up)."""
+        with self._lock:
+            self.calls = self.requests = self.images = self.largest = self.most_requests = 0
+
+    def stats(self) -> dict[str, float | int]:
+        """What batching has really done so far (tests and /info read it)."""
+        with self._lock:
+            return {
+                "model_calls": self.calls,
+                "requests": self.requests,
+                "images": self.images,
+                "largest_batch": self.largest,
+                "most_requests_in_a_batch": self.most_requests,
+                "mean_batch": round(self.images / self.calls, 2) if self.calls else 0.0,
+            }
+
+    def shutdown(self) -> None:
+        self._dispatcher.shutdown()

@@ -1,0 +1,165 @@
+"""Server configuration: defaults, then a TOML file, then environment variables.
+
+Every setting has an environment variable `EMBEDSERVE_<NAME>` (upper case). A config file, given
+by `EMBEDSERVE_CONFIG=path.toml`, holds the same names in lower case at the top level:
+
+    model = "simsiam-resnet18-imagenette"
+    device = "cpu"
+    max_batch_size = 32
+
+Environment variables win over the file, so one file can serve several deployments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "EMBEDSERVE_"
+CONFIG_ENV = "EMBEDSERVE_CONFIG"
+
+DEVICES = ("auto", "cuda", "cpu")
+VARIANTS = ("auto", "fp32", "fp16", "int8")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used (the message names the setting)."""
+
+
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `make serve` / `bentoml serve embedserve.service:EmbedService` runs."""
+
+    # A package name in models_dir or a path to a package folder; None: models/DEFAULT.
+    model: str | None = None
+    models_dir: str | None = None  # None: the repository's models/
+    # auto: CUDA when a CUDA session really starts, else the CPU; cuda: fail without a GPU.
+    device: str = "auto"
+    # auto: fp16 on CUDA, int8 on a CPU with VNNI (when the package has them), else fp32.
+    variant: str = "auto"
+    # Adaptive batching: at most this many images per model call ...
+    max_batch_size: int = 32
+    # ... and a request that would wait longer than this in the batch queue gets a 503
+    # (BentoML's dispatcher sheds load rather than queue without bound).
+    max_latency_ms: int = 10_000
+    index: str | None = None  # a FAISS index directory for /search; None: /search answers 409
+    # Limits on what a client may send.
+    max_images_per_request: int = 64
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 40_000_000  # a decompression bomb declares far more
+    max_k: int = 1000
+    # ONNX Runtime intra-op threads per worker; None: the cores divided among the workers.
+    threads: int | None = None
+    # Threads that decode images (Pillow releases the GIL); None: the cores of this process.
+    decode_threads: int | None = None
+    workers: int = 1  # BentoML worker processes, each with its own model session
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
+        for name in (
+            "max_batch_size",
+            "max_latency_ms",
+            "max_images_per_request",
+            "max_request_bytes",
+            "max_image_pixels",
+            "max_k",
+            "workers",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_batch_size < 2:
+            raise ConfigError("max_batch_size must be at least 2 (BentoML's batching needs it)")
+        for name in ("threads", "decode_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, not {value}")
+
+    @property
+    def intra_op_threads(self) -> int:
+        """ONNX Runtime threads per worker: set, or the cores shared among the workers."""
+        return self.threads or max(1, cpu_count() // self.workers)
+
+    @property
+    def decoder_threads(self) -> int:
+        return self.decode_threads or cpu_count()
+
+    def public(self) -> dict:
+        """The settings as JSON-able values (for /info and the log)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+
+
+def _coerce(name: str, value: object, where: str) -> object:
+    """A raw value from the environment (str) or TOML to the field's type."""
+    kind = _FIELDS[name].type
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+        if "None" in str(kind):
+            return None
+        raise ConfigError(f"{where}: {name} needs a value")
+    if "int" in str(kind):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {name} must be an integer, not {value!r}") from None
+    return str(value)
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None, config_file: str | os.PathLike | None = None
+) -> ServeConfig:
+    """Defaults < the TOML file (`config_file` or $EMBEDSERVE_CONFIG) < EMBEDSERVE_* variables."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    config_file = config_file or environ.get(CONFIG_ENV)
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{CONFIG_ENV}: config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_FIELDS)}"
+            )
+        values.update({k: _coerce(k, v, str(path)) for k, v in data.items()})
+    for name in _FIELDS:
+        env = ENV_PREFIX + name.upper()
+        if env in environ:
+            values[name] = _coerce(name, environ[env], env)
+    return ServeConfig(**values)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """EMBEDSERVE_* variables that name no setting (likely typos; the server logs them)."""
+    environ = os.environ if environ is None else environ
+    return sorted(
+        k
+        for k in environ
+        if k.startswith(ENV_PREFIX)
+        and k != CONFIG_ENV
+        and k[len(ENV_PREFIX) :].lower() not in _FIELDS
+    )
