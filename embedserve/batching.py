@@ -56,7 +56,9 @@ class AdaptiveBatcher:
         self._call = self._dispatcher(self._run)
         self._lock = threading.Lock()
         self.calls = 0  # model calls made
-        self.requests = 0  # inputs served (one per awaited call)
+        # inputs served: one per awaited call, or two when the dispatcher splits a call's rows
+        # to fill a batch up to max_batch_size exactly
+        self.requests = 0
         self.images = 0  # rows served
         self.largest = 0  # most rows in one model call
         self.most_requests = 0  # most inputs merged into one model call

@@ -24,8 +24,10 @@ import bentoml
 import numpy as np
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve import __version__
 from embedserve.batching import AdaptiveBatcher, Overloaded
@@ -131,57 +133,110 @@ def _client_name(path: Path, position: int) -> str:
     return f"images[{position}] ({original})" if original else f"images[{position}]"
 
 
-class RequestSizeLimit:
-    """ASGI middleware: a request body over `max_bytes` is answered 413 before it is read whole
-    (by its Content-Length, or by counting the chunks of a chunked upload)."""
+class RequestGuard:
+    """ASGI middleware that answers a client's malformed request with a 4xx before BentoML
+    parses it (BentoML answers some of these with a 500).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    For POST to the image endpoints: a body over `max_bytes` gets 413 (by its Content-Length,
+    or by counting a chunked upload); then the body must be multipart/form-data (415), parse
+    as multipart (400), carry its images as files in the field `images` (400: missing, sent as
+    text, or a misspelt field) and no other field than `fields`. BentoML then parses the same
+    bytes again: parsing a multipart body costs tens of microseconds, a 500 costs a client.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: dict[str, tuple[str, ...]]) -> None:
+        self.app, self.max_bytes, self.routes = app, max_bytes, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        fields = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if fields is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        too_large = JSONResponse(
-            {"error": f"request body over the limit of {self.max_bytes} bytes (max_request_bytes)"},
-            status_code=413,
-        )
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await JSONResponse({"error": "bad Content-Length"}, 400)(scope, receive, send)
-                    return
-                if declared > self.max_bytes:
-                    await too_large(scope, receive, send)
-                    return
-        seen = 0
-        started = False
-
-        async def counting_receive():
-            nonlocal seen
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(scope, receive, send, *self._too_large(declared))
+            return
+        chunks, size = [], 0
+        while True:  # read the body, bounded: at most max_bytes are ever held
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send, *self._too_large(None))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem = await self._check_form(headers, body, fields)
+        if problem is not None:
+            await self._reject(scope, receive, send, *problem)
+            return
+        replayed = False
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, declared: str | None) -> tuple[int, str]:
+        if declared is not None and not declared.isdigit():
+            return 400, f"bad Content-Length header {declared!r}"
+        return 413, f"request body over the limit of {self.max_bytes} bytes (max_request_bytes)"
+
+    @staticmethod
+    async def _check_form(
+        headers: Headers, body: bytes, fields: tuple[str, ...]
+    ) -> tuple[int, str] | None:
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "multipart/form-data":
+            return 415, (
+                f"Content-Type {media_type or 'missing'}: send multipart/form-data with the "
+                "images as files in the field 'images' (curl -F images=@photo.jpg)"
+            )
+
+        async def stream():
+            yield body
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await too_large(scope, receive, send)
+            form = await MultiPartParser(headers, stream(), max_part_size=len(body) + 1).parse()
+        except (MultiPartException, ValueError) as e:
+            return 400, f"malformed multipart body: {e}"
+        try:
+            unknown = sorted(set(form.keys()) - set(fields))
+            if unknown:
+                return 400, (
+                    f"unknown field(s) {', '.join(map(repr, unknown))}; this endpoint takes "
+                    + ", ".join(map(repr, fields))
+                )
+            images = form.getlist("images")
+            if not images:
+                return 400, "missing field 'images': send one or more image files in it"
+            texts = [i for i, v in enumerate(images) if not isinstance(v, UploadFile)]
+            if texts:
+                return 400, (
+                    f"images[{texts[0]}] is a text value, not a file: upload the image "
+                    "itself (curl -F images=@photo.jpg); URLs are not fetched"
+                )
+            for name in fields:
+                if name != "images" and len(form.getlist(name)) > 1:
+                    return 400, f"field {name!r} given {len(form.getlist(name))} times"
+                if name != "images" and isinstance(form.get(name), UploadFile):
+                    return 400, f"field {name!r} must be a value, not a file"
+        finally:
+            await form.close()
+        return None
 
-
-class _BodyTooLarge(Exception):
-    pass
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, status: int, error: str):
+        await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
 
 
 # GET routes: BentoML's own APIs are POST only; a FastAPI app mounted on the service adds
@@ -295,13 +350,6 @@ class EmbedService:
             raise ClientError(status, summary, files)
         return np.stack(results)
 
-    async def _embed_arrays(self, batch: np.ndarray) -> np.ndarray:
-        """Embeddings of a preprocessed batch, in chunks no larger than max_batch_size."""
-        size = self.config.max_batch_size
-        chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
-        outs = await asyncio.gather(*(self.batcher(c) for c in chunks))
-        return np.concatenate(outs) if len(outs) > 1 else outs[0]
-
     async def _handle(self, images: list[Path], work) -> Response:
         try:
             self._check_count(images)
@@ -334,7 +382,7 @@ class EmbedService:
         format), 503 (overloaded); the JSON body names each bad file and its problem."""
 
         async def work(batch: np.ndarray) -> Response:
-            emb = await self._embed_arrays(batch)
+            emb = await self.batcher(batch)  # split into batches of max_batch_size
             return _json(
                 {"model": self.package.name, "dim": int(emb.shape[1]), "embeddings": emb.tolist()}
             )
@@ -375,7 +423,7 @@ class EmbedService:
             )
 
         async def work(batch: np.ndarray) -> Response:
-            emb = await self._embed_arrays(batch)
+            emb = await self.batcher(batch)  # split into batches of max_batch_size
             loop = asyncio.get_running_loop()
             hits = await loop.run_in_executor(self._decode_pool, self.index.search, emb, k)
             results = [
@@ -402,6 +450,7 @@ class EmbedService:
             "version": __version__,
             "model": {
                 "name": self.package.name,
+                "path": str(self.package.path),
                 "method": card["method"],
                 "backbone": card["backbone"],
                 "dataset": card["dataset"]["name"],
@@ -445,4 +494,8 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-EmbedService.add_asgi_middleware(RequestSizeLimit, max_bytes=CONFIG.max_request_bytes)
+EmbedService.add_asgi_middleware(
+    RequestGuard,
+    max_bytes=CONFIG.max_request_bytes,
+    routes={"/embed": ("images",), "/search": ("images", "k")},
+)

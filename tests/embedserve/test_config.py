@@ -1,0 +1,61 @@
+"""Server configuration: defaults < TOML file < EMBEDSERVE_* variables; bad values are named."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedserve.config import ConfigError, ServeConfig, load_config, unknown_variables
+
+
+def test_defaults_without_environment_or_file():
+    cfg = load_config(environ={})
+    assert cfg == ServeConfig()
+    assert cfg.device == "auto" and cfg.variant == "auto" and cfg.index is None
+
+
+def test_environment_wins_over_the_file_which_wins_over_defaults(tmp_path):
+    file = tmp_path / "serve.toml"
+    file.write_text('device = "cpu"\nmax_batch_size = 16\nmax_k = 5\n')
+    cfg = load_config(environ={"EMBEDSERVE_CONFIG": str(file), "EMBEDSERVE_MAX_BATCH_SIZE": "8"})
+    assert cfg.device == "cpu"  # from the file
+    assert cfg.max_batch_size == 8  # the variable beats the file
+    assert cfg.max_k == 5
+    assert cfg.max_latency_ms == ServeConfig().max_latency_ms  # default
+
+
+@pytest.mark.parametrize(
+    ("environ", "words"),
+    [
+        ({"EMBEDSERVE_DEVICE": "tpu"}, "device must be one of auto, cuda, cpu"),
+        ({"EMBEDSERVE_VARIANT": "int4"}, "variant must be one of"),
+        (
+            {"EMBEDSERVE_MAX_BATCH_SIZE": "lots"},
+            "EMBEDSERVE_MAX_BATCH_SIZE: max_batch_size must be an integer",
+        ),
+        ({"EMBEDSERVE_MAX_BATCH_SIZE": "1"}, "max_batch_size must be at least 2"),
+        ({"EMBEDSERVE_THREADS": "0"}, "threads must be at least 1"),
+        ({"EMBEDSERVE_CONFIG": "/no/such/file.toml"}, "does not exist"),
+    ],
+)
+def test_a_bad_setting_is_refused_by_name(environ, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(environ=environ)
+
+
+def test_an_unknown_setting_in_the_file_is_refused(tmp_path):
+    file = tmp_path / "serve.toml"
+    file.write_text("max_batchsize = 16\n")
+    with pytest.raises(ConfigError, match="unknown setting.*max_batchsize"):
+        load_config(environ={"EMBEDSERVE_CONFIG": str(file)})
+
+
+def test_misspelt_variables_are_reported():
+    environ = {"EMBEDSERVE_DEVISE": "cpu", "EMBEDSERVE_DEVICE": "cpu", "EMBEDSERVE_CONFIG": "x"}
+    assert unknown_variables(environ) == ["EMBEDSERVE_DEVISE"]
+
+
+def test_threads_default_to_the_cores_shared_among_workers(monkeypatch):
+    monkeypatch.setattr("embedserve.config.cpu_count", lambda: 8)
+    assert ServeConfig(workers=2).intra_op_threads == 4
+    assert ServeConfig(workers=16).intra_op_threads == 1
+    assert ServeConfig(workers=2, threads=3).intra_op_threads == 3
