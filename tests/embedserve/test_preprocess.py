@@ -8,7 +8,9 @@ from PIL import Image
 
 from embedserve.preprocess import (
     ImageDecodeError,
+    ImageTooLarge,
     Preprocess,
+    UnsupportedImageFormat,
     decode,
     preprocess,
     preprocess_batch,
@@ -99,3 +101,37 @@ def test_large_jpeg_is_decoded_at_reduced_scale():
 def test_bad_input_raises_a_named_error(data, message):
     with pytest.raises(ImageDecodeError, match=message):
         decode(data)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("1", (4000, 3000)).save(buf, "PNG")  # 12 MP that compress to a few kB
+    with pytest.raises(ImageTooLarge, match="4000x3000 = 12.0 megapixels, over the limit of 1.0"):
+        decode(buf.getvalue(), max_pixels=1_000_000)
+    assert decode(buf.getvalue(), max_pixels=20_000_000).size == (4000, 3000)
+
+
+def test_a_half_jpeg_is_reported_as_truncated():
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "JPEG")
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("PDF", "PDF"), ("ICO", "ICO"), ("PPM", "PPM")])
+def test_a_format_outside_the_allowed_list_is_named(fmt, name):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, fmt)
+    with pytest.raises(UnsupportedImageFormat, match=f"unsupported image format {name}"):
+        decode(buf.getvalue())
+
+
+def test_phone_heic_is_named_unsupported():
+    with pytest.raises(UnsupportedImageFormat, match="HEIF"):
+        decode(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 100)
+
+
+def test_an_empty_file_on_disk_is_named(tmp_path):
+    (tmp_path / "e.jpg").write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match="empty file"):
+        decode(tmp_path / "e.jpg")
