@@ -134,10 +134,13 @@ async def run_point(
     duration: float,
     warmup: float,
     timeout: float = 120.0,
+    drain: float = 30.0,
 ) -> Point:
     """Closed loop: `concurrency` workers POST the next body from `bodies` (cycled) as soon as
     their previous request returns. Requests completing in the `duration` seconds after
-    `warmup` are measured. Raises LoadError, naming the first failure, if any request failed."""
+    `warmup` are measured; those in flight at the end get `drain` seconds to finish (so the next
+    point starts on an idle server), then are cancelled. Raises LoadError, naming the first
+    failure, if any request failed before the end."""
     import aiohttp  # a BentoML dependency; imported here so the pure helpers need nothing
 
     next_body = itertools.cycle(bodies).__next__  # one event loop: no lock needed
@@ -166,7 +169,8 @@ async def run_point(
                             failures.append(f"HTTP {r.status}: {payload[:300]!r}")
                             continue
                 except (TimeoutError, aiohttp.ClientError) as e:
-                    failures.append(f"{type(e).__name__}: {e}")
+                    if not stop:  # not a connection closed by the cancellation below
+                        failures.append(f"{type(e).__name__}: {e}")
                     continue
                 t1 = time.perf_counter()
                 done.append((t1, t1 - t0))
@@ -177,7 +181,11 @@ async def run_point(
         await asyncio.sleep(duration)
         end, cpu_end = time.perf_counter(), time.process_time()
         stop = True
-        await asyncio.gather(*tasks)  # in-flight requests finish; they are not counted
+        # in-flight requests finish (not counted), within `drain` seconds
+        _, pending = await asyncio.wait(tasks, timeout=drain)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     window = [lat for t, lat in done if start <= t <= end]
     errors = len(failures) - failed_before

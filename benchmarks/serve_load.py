@@ -194,6 +194,9 @@ def sweep(
             point["client_cpu_cores"] = round(
                 point["client_cpu_ms_per_request"] * point["req_s"] / 1000, 3
             )
+            # includes the server and this client (about 2-3 on a 2-core machine under load);
+            # much more means other processes were competing for the cores
+            point["loadavg_1m"] = round(os.getloadavg()[0], 2)
             print(f"{label}: {json.dumps(point)}", flush=True)
             rows.append(point)
     return rows
@@ -344,6 +347,8 @@ def markdown(result: dict) -> str:
         f"threads {json.dumps(info.get('threads'))}, batching {json.dumps(info.get('batching'))}, "
         f"workers {info.get('workers', 'n/a')}; "
         f"environment {json.dumps(result['server_env'])}",
+        f"- Load average (1, 5, 15 min) before the run: {result['loadavg_at_start']} "
+        "(near 0 on a quiet machine)",
         f"- Photos: {result['images']}",
         f"- Load: closed loop, {result['duration_s']} s per point after {result['warmup_s']} s "
         "warm-up; one asyncio client process on the same cores as the server",
@@ -484,6 +489,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="serve_load-"))
     env = parse_env(args.env)
+    loadavg = [round(x, 2) for x in os.getloadavg()]
+    if loadavg[0] > 0.5:
+        print(
+            f"warning: load average {loadavg[0]} before starting: other processes are using "
+            "the cores, the results will be low and noisy (the naive server's OpenMP threads "
+            "suffer most)",
+            file=sys.stderr,
+        )
     jpegs, source = load_jpegs(args.images)
     print(f"photos: {source}; server logs in {log_dir}", flush=True)
     sweep_args = dict(duration=args.duration, warmup=args.warmup)
@@ -491,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
+        "loadavg_at_start": loadavg,
         "gpu": None,
         "images": source,
         "duration_s": args.duration,
