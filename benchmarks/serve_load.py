@@ -12,6 +12,8 @@ Ratios at concurrency 16 are checked against the targets: HTTP >= 0.85 of (a) wi
 request, >= 0.6 of (a) with 1, and >= 2x (b). The load generator (benchmarks/http_load.py) is
 one asyncio process sending pre-built multipart bodies; its CPU time per request is recorded.
 Photos: ../shared/datasets/imagenette-160/val when present, else generated JPEGs (recorded).
+Run it on a quiet machine: the load average before the run and after each point is recorded,
+and the naive server's OpenMP threads slow down several-fold when another process takes a core.
 
     python benchmarks/serve_load.py                 # full run -> benchmarks/results/serve_load.{json,md}
     python benchmarks/serve_load.py --quick         # smoke: 2 s points, concurrency 1 and 4 (to /tmp)
@@ -337,6 +339,9 @@ def markdown(result: dict) -> str:
     """The results as a markdown report."""
     m = result["machine"]
     info = result.get("service_info") or {}
+    batching = info.get("batching")
+    if isinstance(batching, dict):  # the settings; what batching did is reported after the sweep
+        batching = {k: v for k, v in batching.items() if k != "observed"}
     lines = [
         "# Serving load benchmark",
         "",
@@ -344,7 +349,7 @@ def markdown(result: dict) -> str:
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}"
         + (f"; GPU: {result['gpu']}" if result.get("gpu") else ""),
         f"- Service: provider {info.get('provider', 'n/a')}, variant {info.get('variant', 'n/a')}, "
-        f"threads {json.dumps(info.get('threads'))}, batching {json.dumps(info.get('batching'))}, "
+        f"threads {json.dumps(info.get('threads'))}, batching {json.dumps(batching)}, "
         f"workers {info.get('workers', 'n/a')}; "
         f"environment {json.dumps(result['server_env'])}",
         f"- Load average (1, 5, 15 min) before the run: {result['loadavg_at_start']} "
@@ -377,6 +382,12 @@ def markdown(result: dict) -> str:
         lines.append("")
 
     table("BentoML service (HTTP)", result["service"])
+    after = (result.get("service_info_after") or {}).get("batching")
+    if isinstance(after, dict) and after.get("observed"):
+        lines += [
+            f"Batching observed by the service over the sweep: {json.dumps(after['observed'])}",
+            "",
+        ]
     table("(b) naive server: PyTorch eager, one image per call (HTTP)", result["naive"])
     p = result.get("pipeline")
     if p:
