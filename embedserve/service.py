@@ -18,16 +18,15 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import bentoml
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve import __version__
 from embedserve.batching import AdaptiveBatcher, Overloaded
@@ -127,124 +126,126 @@ def _status_for(error: ImageDecodeError) -> int:
     return 400
 
 
-def _client_name(path: Path, position: int) -> str:
-    """`images[i] (photo.jpg)`: BentoML stores an upload as tmpXXXXXXXX<client file name>."""
-    original = path.name[11:] if path.name.startswith("tmp") else ""
-    return f"images[{position}] ({original})" if original else f"images[{position}]"
+def _client_name(position: int, filename: str | None) -> str:
+    """How an error names a file: `images[1] (scan.pdf)`."""
+    return f"images[{position}] ({filename})" if filename else f"images[{position}]"
 
 
-class RequestGuard:
-    """ASGI middleware that answers a client's malformed request with a 4xx before BentoML
-    parses it (BentoML answers some of these with a 500).
+async def read_form(
+    request: Request, max_bytes: int, fields: tuple[str, ...]
+) -> tuple[list[tuple[str | None, bytes]], dict[str, str]]:
+    """The uploaded images (filename, bytes) and the text fields of a multipart request.
 
-    For POST to the image endpoints: a body over `max_bytes` gets 413 (by its Content-Length,
-    or by counting a chunked upload); then the body must be multipart/form-data (415), parse
-    as multipart (400), carry its images as files in the field `images` (400: missing, sent as
-    text, or a misspelt field) and no other field than `fields`. BentoML then parses the same
-    bytes again: parsing a multipart body costs tens of microseconds, a 500 costs a client.
+    Everything stays in memory, bounded: a body over `max_bytes` is refused by its
+    Content-Length, or while it streams in when it has none (chunked). Then the body must be
+    multipart/form-data (415) that parses (400), with its images as files in the field `images`
+    (400: missing, sent as text, or a misspelt field) and no field other than `fields`.
     """
+    too_large = f"request body over the limit of {max_bytes} bytes (max_request_bytes)"
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        raise (
+            ClientError(413, too_large)
+            if declared.isdigit()
+            else ClientError(400, f"bad Content-Length header {declared!r}")
+        )
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise ClientError(
+            415,
+            f"Content-Type {media_type or 'missing'}: send multipart/form-data with the images "
+            "as files in the field 'images' (curl -F images=@photo.jpg)",
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ClientError(413, too_large)
+        chunks.append(chunk)
+    body = b"".join(chunks)
 
-    def __init__(self, app: ASGIApp, max_bytes: int, routes: dict[str, tuple[str, ...]]) -> None:
-        self.app, self.max_bytes, self.routes = app, max_bytes, routes
+    async def stream():
+        yield body
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        fields = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if fields is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._reject(scope, receive, send, *self._too_large(declared))
-            return
-        chunks, size = [], 0
-        while True:  # read the body, bounded: at most max_bytes are ever held
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._reject(scope, receive, send, *self._too_large(None))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        problem = await self._check_form(headers, body, fields)
-        if problem is not None:
-            await self._reject(scope, receive, send, *problem)
-            return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    def _too_large(self, declared: str | None) -> tuple[int, str]:
-        if declared is not None and not declared.isdigit():
-            return 400, f"bad Content-Length header {declared!r}"
-        return 413, f"request body over the limit of {self.max_bytes} bytes (max_request_bytes)"
-
-    @staticmethod
-    async def _check_form(
-        headers: Headers, body: bytes, fields: tuple[str, ...]
-    ) -> tuple[int, str] | None:
-        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "multipart/form-data":
-            return 415, (
-                f"Content-Type {media_type or 'missing'}: send multipart/form-data with the "
-                "images as files in the field 'images' (curl -F images=@photo.jpg)"
+    try:
+        form = await MultiPartParser(
+            request.headers, stream(), max_files=10_000, max_part_size=len(body) + 1
+        ).parse()
+    except (MultiPartException, ValueError) as e:
+        raise ClientError(400, f"malformed multipart body: {e}") from None
+    try:
+        unknown = sorted(set(form.keys()) - set(fields))
+        if unknown:
+            raise ClientError(
+                400,
+                f"unknown field(s) {', '.join(map(repr, unknown))}; this endpoint takes "
+                + ", ".join(map(repr, fields)),
             )
-
-        async def stream():
-            yield body
-
-        try:
-            form = await MultiPartParser(headers, stream(), max_part_size=len(body) + 1).parse()
-        except (MultiPartException, ValueError) as e:
-            return 400, f"malformed multipart body: {e}"
-        try:
-            unknown = sorted(set(form.keys()) - set(fields))
-            if unknown:
-                return 400, (
-                    f"unknown field(s) {', '.join(map(repr, unknown))}; this endpoint takes "
-                    + ", ".join(map(repr, fields))
+        images = []
+        for i, value in enumerate(form.getlist("images")):
+            if not isinstance(value, UploadFile):
+                raise ClientError(
+                    400,
+                    f"images[{i}] is a text value, not a file: upload the image itself "
+                    "(curl -F images=@photo.jpg); URLs are not fetched",
                 )
-            images = form.getlist("images")
-            if not images:
-                return 400, "missing field 'images': send one or more image files in it"
-            texts = [i for i, v in enumerate(images) if not isinstance(v, UploadFile)]
-            if texts:
-                return 400, (
-                    f"images[{texts[0]}] is a text value, not a file: upload the image "
-                    "itself (curl -F images=@photo.jpg); URLs are not fetched"
-                )
-            for name in fields:
-                if name != "images" and len(form.getlist(name)) > 1:
-                    return 400, f"field {name!r} given {len(form.getlist(name))} times"
-                if name != "images" and isinstance(form.get(name), UploadFile):
-                    return 400, f"field {name!r} must be a value, not a file"
-        finally:
-            await form.close()
-        return None
-
-    @staticmethod
-    async def _reject(scope: Scope, receive: Receive, send: Send, status: int, error: str):
-        await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
+            images.append((value.filename, await value.read()))
+        if not images:
+            raise ClientError(400, "missing field 'images': send one or more image files in it")
+        values = {}
+        for name in fields:
+            if name == "images" or name not in form:
+                continue
+            given = form.getlist(name)
+            if len(given) > 1 or isinstance(given[0], UploadFile):
+                raise ClientError(400, f"field {name!r} must be given once, as a value")
+            values[name] = given[0]
+        return images, values
+    finally:
+        await form.close()
 
 
-# GET routes: BentoML's own APIs are POST only; a FastAPI app mounted on the service adds
-# GET /info, and BentoML merges its routes into the OpenAPI page.
-info_app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+def _multipart_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI requestBody of an endpoint that takes `images` (+ `extra` fields)."""
+    properties = {
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "image files (JPEG, PNG, WebP, GIF, BMP, TIFF): repeat the field "
+            "once per image",
+        },
+        **(extra or {}),
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["images"], "properties": properties},
+                    "encoding": {"images": {"contentType": "image/*"}},
+                }
+            },
+        }
+    }
 
 
-@bentoml.asgi_app(info_app, path="/")
+_ERRORS = {
+    400: {"description": "a bad file or field; the body names each bad file and its problem"},
+    409: {"description": "no index configured (for /search)"},
+    413: {"description": "too many images, too many pixels, or a body over the byte limit"},
+    415: {"description": "an image format that is not decoded, or a body that is not multipart"},
+    503: {"description": "overloaded: the batch queue exceeds max_latency_ms; retry"},
+}
+
+
+# The endpoints are routes of a FastAPI app mounted on the service (BentoML merges them into its
+# OpenAPI page). Measured here with an echo endpoint: a BentoML `@bentoml.api` taking
+# `list[Path]` writes each upload to a temporary file and answers 357 single-file requests/s,
+# a route mounted in the same server 827; and BentoML's APIs are POST only, /info is a GET.
+app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="embedserve",
     workers=CONFIG.workers,
@@ -315,32 +316,30 @@ class EmbedService:
 
     # -- request handling -------------------------------------------------------------------
 
-    def _check_count(self, images: list[Path]) -> None:
-        if not images:
-            raise ClientError(
-                400, "no images: send one or more files in the multipart field 'images'"
-            )
+    def _check_count(self, images: list) -> None:
         limit = self.config.max_images_per_request
         if len(images) > limit:
             raise ClientError(
                 413,
-                f"{len(images)} images in one request, over the limit of {limit} (max_images_per_request)",
+                f"{len(images)} images in one request, over the limit of {limit} "
+                "(max_images_per_request)",
             )
 
-    def _load_one(self, path: Path) -> np.ndarray:
-        return preprocess(path, self.package.preprocess, max_pixels=self.config.max_image_pixels)
+    def _load_one(self, data: bytes) -> np.ndarray:
+        return preprocess(data, self.package.preprocess, max_pixels=self.config.max_image_pixels)
 
-    async def _decode_all(self, images: list[Path]) -> np.ndarray:
+    async def _decode_all(self, images: list[tuple[str | None, bytes]]) -> np.ndarray:
         """Decode and preprocess every file in parallel; every bad file is named in one 4xx."""
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._load_one, p) for p in images),
+            *(loop.run_in_executor(self._decode_pool, self._load_one, b) for _, b in images),
             return_exceptions=True,
         )
         problems = []
-        for position, (path, result) in enumerate(zip(images, results, strict=True)):
+        for position, ((filename, _), result) in enumerate(zip(images, results, strict=True)):
             if isinstance(result, ImageDecodeError):
-                problems.append((_status_for(result), _client_name(path, position), str(result)))
+                name = _client_name(position, filename)
+                problems.append((_status_for(result), name, str(result)))
             elif isinstance(result, BaseException):
                 raise result
         if problems:
@@ -350,63 +349,65 @@ class EmbedService:
             raise ClientError(status, summary, files)
         return np.stack(results)
 
-    async def _handle(self, images: list[Path], work) -> Response:
-        try:
-            self._check_count(images)
-            batch = await self._decode_all(images)
-            return await work(batch)
-        except ClientError as e:
-            return e.response()
-        except Overloaded as e:
-            return JSONResponse({"error": str(e) + "; retry later"}, status_code=503)
+    async def _read(
+        self, request: Request, fields: tuple[str, ...]
+    ) -> tuple[list[tuple[str | None, bytes]], dict[str, str]]:
+        images, values = await read_form(request, self.config.max_request_bytes, fields)
+        self._check_count(images)
+        return images, values
+
+    async def _embed(self, images: list[tuple[str | None, bytes]]) -> np.ndarray:
+        """Decode (per request), then embed, batched with other requests' images."""
+        return await self.batcher(await self._decode_all(images))
 
     # -- endpoints ----------------------------------------------------------------------------
 
-    @bentoml.api(route="/embed")
-    async def embed(
-        self,
-        images: Annotated[
-            list[Path],
-            Field(
-                description="image files (JPEG, PNG, WebP, GIF, BMP, TIFF): repeat the multipart "
-                "field `images` once per image. Example: "
-                "`curl -F images=@cat.jpg -F images=@dog.png localhost:3000/embed`"
-            ),
-        ],
-    ) -> EmbedResponse:
-        """Embed images: one L2-normalized float32 vector per image, in request order.
+    @app.post(
+        "/embed",
+        summary="Embed images",
+        response_model=EmbedResponse,
+        responses=_ERRORS,
+        openapi_extra=_multipart_body(),
+        tags=["Service APIs"],
+    )
+    async def embed(self, request: Request) -> Response:
+        """One L2-normalized float32 embedding per image, in request order. The same images
+        give the same embeddings whether they are sent together or one per request.
 
-        The same images give the same embeddings whether they are sent together or one per
-        request. Errors: 400 (empty, corrupt, truncated or non-image file; missing field),
-        413 (too many images, too many pixels, request too large), 415 (unsupported image
-        format), 503 (overloaded); the JSON body names each bad file and its problem."""
+        Example: `curl -F images=@cat.jpg -F images=@dog.png localhost:3000/embed`
 
-        async def work(batch: np.ndarray) -> Response:
-            emb = await self.batcher(batch)  # split into batches of max_batch_size
-            return _json(
-                {"model": self.package.name, "dim": int(emb.shape[1]), "embeddings": emb.tolist()}
-            )
+        Errors name each bad file and its problem: 400 (empty, corrupt, truncated or non-image
+        file; missing field), 413 (too many images, too many pixels, body too large), 415
+        (unsupported image format), 503 (overloaded)."""
+        try:
+            images, _ = await self._read(request, ("images",))
+            emb = await self._embed(images)
+        except ClientError as e:
+            return e.response()
+        except Overloaded as e:
+            return JSONResponse({"error": f"{e}; retry later"}, status_code=503)
+        return _json(
+            {"model": self.package.name, "dim": int(emb.shape[1]), "embeddings": emb.tolist()}
+        )
 
-        return await self._handle(images, work)
+    @app.post(
+        "/search",
+        summary="Find similar images",
+        response_model=SearchResponse,
+        responses=_ERRORS,
+        openapi_extra=_multipart_body(
+            {"k": {"type": "integer", "default": 10, "description": "neighbours per image"}}
+        ),
+        tags=["Service APIs"],
+    )
+    async def search(self, request: Request) -> Response:
+        """The k most similar indexed images for each query image (cosine similarity), with
+        their ids, scores, paths and labels. `k` over the index size returns every image.
 
-    @bentoml.api(route="/search")
-    async def search(
-        self,
-        images: Annotated[
-            list[Path],
-            Field(
-                description="query images, the multipart field `images` repeated. Example: "
-                "`curl -F images=@cat.jpg -F k=5 localhost:3000/search`"
-            ),
-        ],
-        k: Annotated[
-            int, Field(description="neighbours per query image (1..max_k)", examples=[5])
-        ] = 10,
-    ) -> SearchResponse:
-        """Find the k most similar indexed images for each query image (cosine similarity).
+        Example: `curl -F images=@cat.jpg -F k=5 localhost:3000/search`
 
         Needs an index (`embedserve index build ...`, then EMBEDSERVE_INDEX=DIR); without one
-        the answer is 409 with instructions. `k` over the index size returns every image."""
+        the answer is 409 with these instructions."""
         if self.index is None:
             return JSONResponse(
                 {
@@ -416,25 +417,33 @@ class EmbedService:
                 },
                 status_code=409,
             )
-        if not 1 <= k <= self.config.max_k:
-            return JSONResponse(
-                {"error": f"k must be between 1 and {self.config.max_k} (max_k), not {k}"},
-                status_code=400,
+        try:
+            images, values = await self._read(request, ("images", "k"))
+            k = self._parse_k(values.get("k", "10"))
+            emb = await self._embed(images)
+            hits = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, self.index.search, emb, k
             )
+        except ClientError as e:
+            return e.response()
+        except Overloaded as e:
+            return JSONResponse({"error": f"{e}; retry later"}, status_code=503)
+        results = [
+            {"file": _client_name(i, filename), "neighbours": h}
+            for i, ((filename, _), h) in enumerate(zip(images, hits, strict=True))
+        ]
+        return _json({"model": self.package.name, "k": k, "results": results})
 
-        async def work(batch: np.ndarray) -> Response:
-            emb = await self.batcher(batch)  # split into batches of max_batch_size
-            loop = asyncio.get_running_loop()
-            hits = await loop.run_in_executor(self._decode_pool, self.index.search, emb, k)
-            results = [
-                {"file": _client_name(p, i), "neighbours": h}
-                for i, (p, h) in enumerate(zip(images, hits, strict=True))
-            ]
-            return _json({"model": self.package.name, "k": k, "results": results})
+    def _parse_k(self, raw: str) -> int:
+        try:
+            k = int(raw)
+        except ValueError:
+            raise ClientError(400, f"k must be an integer, not {raw!r}") from None
+        if not 1 <= k <= self.config.max_k:
+            raise ClientError(400, f"k must be between 1 and {self.config.max_k} (max_k), not {k}")
+        return k
 
-        return await self._handle(images, work)
-
-    @info_app.get("/info", summary="What is being served", tags=["Service APIs"])
+    @app.get("/info", summary="What is being served", tags=["Service APIs"])
     def info(self) -> dict[str, Any]:
         """The model card's essentials, the execution provider the ONNX Runtime session really
         uses (not what `get_available_providers()` lists), the variant, the batching settings
@@ -492,10 +501,3 @@ class EmbedService:
 def _json(body: dict[str, Any]) -> Response:
     # json.dumps of Python floats: float32 values round-trip exactly (shortest repr of a double)
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
-
-
-EmbedService.add_asgi_middleware(
-    RequestGuard,
-    max_bytes=CONFIG.max_request_bytes,
-    routes={"/embed": ("images",), "/search": ("images", "k")},
-)
