@@ -65,6 +65,8 @@ class ServeConfig:
     # Threads that decode images (Pillow releases the GIL); None: the cores of this process.
     decode_threads: int | None = None
     workers: int = 1  # BentoML worker processes, each with its own model session
+    # One log line per request (BentoML's access log); off saves ~0.2 ms of CPU per request.
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -115,6 +117,15 @@ def _coerce(name: str, value: object, where: str) -> object:
         if "None" in str(kind):
             return None
         raise ConfigError(f"{where}: {name} needs a value")
+    if str(kind) == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: {name} must be true or false, not {value!r}")
     if "int" in str(kind):
         try:
             if isinstance(value, bool):

@@ -250,6 +250,7 @@ app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     name="embedserve",
     workers=CONFIG.workers,
     traffic={"timeout": 120},
+    logging={"access": {"enabled": CONFIG.access_log}},
     # The OpenAPI page's title and description (served at / and /docs.json).
     description=__doc__,
 )

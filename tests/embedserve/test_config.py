@@ -59,3 +59,13 @@ def test_threads_default_to_the_cores_shared_among_workers(monkeypatch):
     assert ServeConfig(workers=2).intra_op_threads == 4
     assert ServeConfig(workers=16).intra_op_threads == 1
     assert ServeConfig(workers=2, threads=3).intra_op_threads == 3
+
+
+@pytest.mark.parametrize(("raw", "value"), [("0", False), ("off", False), ("TRUE", True)])
+def test_switches_read_the_usual_spellings(raw, value):
+    assert load_config(environ={"EMBEDSERVE_ACCESS_LOG": raw}).access_log is value
+
+
+def test_a_switch_with_another_value_is_refused():
+    with pytest.raises(ConfigError, match="access_log must be true or false"):
+        load_config(environ={"EMBEDSERVE_ACCESS_LOG": "maybe"})
