@@ -63,6 +63,13 @@ def test_k_larger_than_the_index_returns_only_real_hits():
     assert SearchIndex.create(fake_package()).search(unit_rows(1, 1), k=3) == [[]]
 
 
+def test_an_approximate_index_that_finds_fewer_than_k_returns_no_placeholders():
+    index = filled_index(300, "IVF16,Flat", nprobe=1)  # one list of ~20 vectors is searched
+    hits = index.search(unit_rows(3, 1), k=100)
+    assert all(0 < len(row) < 100 for row in hits)
+    assert all(h["id"] >= 0 and h["path"] is not None for row in hits for h in row)
+
+
 def test_search_refuses_wrong_shapes_and_bad_k():
     index = filled_index(4)
     with pytest.raises(ValueError, match=r"\[N, 8\]"):
