@@ -54,6 +54,9 @@ class ServeConfig:
     # ... and a request that would wait longer than this in the batch queue gets a 503
     # (BentoML's dispatcher sheds load rather than queue without bound).
     max_latency_ms: int = 10_000
+    # Longest time an idle model waits for more requests to join a batch (BentoML's dispatcher
+    # learns the wait; this caps it). Under load, batches form while the model is busy.
+    max_batch_wait_ms: int = 5
     index: str | None = None  # a FAISS index directory for /search; None: /search answers 409
     # Limits on what a client may send.
     max_images_per_request: int = 64
@@ -86,6 +89,8 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.max_batch_size < 2:
             raise ConfigError("max_batch_size must be at least 2 (BentoML's batching needs it)")
+        if self.max_batch_wait_ms < 0:
+            raise ConfigError(f"max_batch_wait_ms must be 0 or more, not {self.max_batch_wait_ms}")
         for name in ("threads", "decode_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -291,7 +291,11 @@ class EmbedService:
         # One thread runs the model: ONNX Runtime parallelises inside a call with its own pool.
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
         self.batcher = AdaptiveBatcher(
-            self.encoder.embed, cfg.max_batch_size, cfg.max_latency_ms, self._model_pool
+            self.encoder.embed,
+            cfg.max_batch_size,
+            cfg.max_latency_ms,
+            self._model_pool,
+            max_wait_ms=cfg.max_batch_wait_ms,
         )
         # Warm-up before ready: the largest batch first (allocations), then single images.
         start = time.perf_counter()
@@ -478,6 +482,7 @@ class EmbedService:
             "batching": {
                 "max_batch_size": cfg.max_batch_size,
                 "max_latency_ms": cfg.max_latency_ms,
+                "max_batch_wait_ms": cfg.max_batch_wait_ms,
                 "observed": self.batcher.stats(),
             },
             "threads": {"intra_op": cfg.intra_op_threads, "decode": cfg.decoder_threads},

@@ -92,3 +92,22 @@ def test_a_queue_longer_than_the_latency_budget_is_shed_with_overloaded():
     assert all(isinstance(r, (np.ndarray, Overloaded)) for r in results)
     with pytest.raises(Overloaded, match="max_latency_ms"):
         raise shed[0]
+
+
+def test_after_a_burst_a_lone_request_is_not_corked_for_the_burst_queue_time():
+    """The dispatcher learns its cork from the mean wait of recent batches, which under a burst
+    is mostly time queued behind the busy model; the batcher caps it at max_wait_ms."""
+
+    async def main():
+        batcher = AdaptiveBatcher(
+            slow_double, max_batch_size=2, max_latency_ms=60_000, max_wait_ms=3
+        )
+        await asyncio.gather(*(batcher(np.zeros((1, 2))) for _ in range(60)))
+        batcher._dispatcher.optimizer.trigger_refresh()  # relearn from the burst's batches
+        learned = batcher._dispatcher.optimizer.wait
+        await batcher(np.zeros((1, 2)))
+        return learned, batcher._dispatcher.optimizer.wait
+
+    learned, capped = asyncio.run(main())
+    assert learned > 0.01  # what the burst taught: tens of milliseconds of queueing
+    assert capped <= 0.003
