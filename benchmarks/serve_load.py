@@ -357,6 +357,8 @@ def markdown(result: dict) -> str:
         f"- Photos: {result['images']}",
         f"- Load: closed loop, {result['duration_s']} s per point after {result['warmup_s']} s "
         "warm-up; one asyncio client process on the same cores as the server",
+        f"- Figures: medians of {result.get('repeats', 1)} complete runs (service, (a), (b)); "
+        "each ratio is taken within a run, and the median of those is given",
         "",
     ]
 
@@ -425,6 +427,12 @@ def markdown(result: dict) -> str:
                 f"{mark(row, 'vs_naive')} | {row.get('vs_naive_target', 'n/a')} |"
             )
         lines.append("")
+        per_run = [
+            f"{k} img/req: / (a) {row.get('vs_pipeline_runs', 'n/a')}, / (b) {row.get('vs_naive_runs', 'n/a')}"
+            for k, row in r["by_images_per_request"].items()
+        ]
+        if result.get("repeats", 1) > 1:
+            lines += ["Ratios of each run: " + "; ".join(per_run) + ".", ""]
     return "\n".join(lines)
 
 
@@ -439,6 +447,157 @@ def parse_env(items: list[str]) -> dict[str, str]:
             raise SystemExit(f"--env wants KEY=VALUE, not {item!r}")
         env[key] = value
     return env
+
+
+def measure(args, jpegs: list[bytes], env: dict[str, str], log_dir: Path, sweep_args) -> dict:
+    """One complete measurement: the service sweep, (a), the naive sweep and their ratios."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"gpu": None, "service_info": None, "service": [], "pipeline": None}
+    result.update({"naive_info": None, "naive": [], "ratios": {}})
+    info: dict = {}
+    if args.url:
+        info = get_info(args.url)
+        result["service_info"] = info
+        result["service"] = sweep(
+            args.url,
+            jpegs,
+            args.concurrency,
+            args.images_per_request,
+            label="service",
+            **sweep_args,
+        )
+    elif not args.skip_service:
+        port = free_port()
+        with ServerProcess(
+            service_command(port),
+            port,
+            log_dir / "service.log",
+            env,
+            cwd=ROOT,
+            ready_timeout=args.ready_timeout,
+        ) as server:
+            info = get_info(server.url)
+            result["service_info"] = info
+            print(f"service /info: {json.dumps(info)}", flush=True)
+            try:
+                result["service"] = sweep(
+                    server.url,
+                    jpegs,
+                    args.concurrency,
+                    args.images_per_request,
+                    label="service",
+                    **sweep_args,
+                )
+                result["service_info_after"] = get_info(server.url)
+            except LoadError:
+                print(f"service log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+                raise
+    settings = server_settings(info, env)
+    if "CUDA" in str(info.get("provider", "")):
+        result["gpu"] = gpu_name()
+    # (a) runs while no server is loaded (an external --url server is idle by now)
+    batches = sorted(
+        {
+            *args.images_per_request,
+            *([settings["max_batch_size"]] if settings["max_batch_size"] else []),
+        }
+    )
+    if not args.skip_pipeline:
+        result["pipeline"] = pipeline_rates(
+            settings, jpegs, batches, images=args.images, repeats=args.pipeline_repeats
+        )
+    if not args.skip_naive:
+        port = free_port()
+        # the naive model sees the same pixels as the package's model
+        size = open_package(settings["package"]).card["input"]["height"]
+        with ServerProcess(
+            naive_command(port, size),
+            port,
+            log_dir / "naive.log",
+            cwd=ROOT,
+            ready_timeout=args.ready_timeout,
+        ) as server:
+            result["naive_info"] = get_info(server.url)
+            try:
+                result["naive"] = sweep(
+                    server.url,
+                    jpegs,
+                    args.naive_concurrency or args.concurrency,
+                    args.images_per_request,
+                    label="naive",
+                    **sweep_args,
+                )
+            except LoadError:
+                print(f"naive log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+                raise
+    result["ratios"] = ratios(
+        result["service"], result["naive"], result["pipeline"], settings["max_batch_size"]
+    )
+    return result
+
+
+_ROW_STATS = ("img_s", "req_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms")
+_ROW_STATS += ("client_cpu_ms_per_request", "server_mean_batch")
+
+
+def _median_rows(runs_rows: list[list[dict]]) -> list[dict]:
+    """Per point (same order in every run): the median of each figure, errors summed."""
+    out = []
+    for rows in zip(*runs_rows, strict=True):
+        row = dict(rows[0])
+        for key in _ROW_STATS:
+            values = [r[key] for r in rows if r.get(key) is not None]
+            if values:
+                row[key] = round(statistics.median(values), 3)
+        row["errors"] = sum(r.get("errors", 0) for r in rows)
+        row["img_s_runs"] = [r["img_s"] for r in rows]
+        out.append(row)
+    return out
+
+
+def combine(runs: list[dict]) -> dict:
+    """The medians over repeated runs; each ratio is taken within a run (service, (a) and (b)
+    measured minutes apart on the same machine), then the median of those is reported."""
+    first = runs[0]
+    result = {k: first[k] for k in ("gpu", "service_info", "naive_info")}
+    result["service_info_after"] = runs[-1].get("service_info_after")
+    result["service"] = _median_rows([r["service"] for r in runs])
+    result["naive"] = _median_rows([r["naive"] for r in runs])
+    result["pipeline"] = None
+    if first["pipeline"]:
+        pipeline = dict(first["pipeline"])
+        pipeline["rows"] = [
+            {
+                **rows[0],
+                "img_s": round(statistics.median(r["img_s"] for r in rows), 1),
+                "runs": [r["img_s"] for r in rows],
+            }
+            for rows in zip(*(r["pipeline"]["rows"] for r in runs), strict=True)
+        ]
+        pipeline["decode_preprocess_img_s"] = round(
+            statistics.median(r["pipeline"]["decode_preprocess_img_s"] for r in runs), 1
+        )
+        result["pipeline"] = pipeline
+    result["ratios"] = dict(first["ratios"])
+    if first["ratios"]:
+        by_k = {}
+        for k, row in first["ratios"]["by_images_per_request"].items():
+            merged = dict(row)
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if key.endswith("_target"):
+                        continue
+                    per_run = [r["ratios"]["by_images_per_request"][k][key] for r in runs]
+                    merged[key] = round(statistics.median(per_run), 3)
+                    if key.startswith("vs_"):
+                        merged[f"{key}_runs"] = per_run
+            for key in ("vs_pipeline", "vs_naive"):
+                if f"{key}_target" in merged:
+                    merged[f"{key}_met"] = merged[key] >= merged[f"{key}_target"]
+            by_k[k] = merged
+        result["ratios"]["by_images_per_request"] = by_k
+    result["runs"] = [{"ratios": r["ratios"], "loadavg": os.getloadavg()} for r in runs]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline-repeats", type=int, help="repeats of (a) (5; quick 2)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="complete runs; the report gives medians, ratios taken within each run (3; quick 1)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 2 s points, concurrency 1 and 4, to /tmp (explicit options win)",
@@ -487,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         defaults.update(duration=2.0, warmup=1.0, concurrency=[1, 4], images=64)
         defaults["pipeline_repeats"] = 2
+        if "--repeats" not in (argv if argv is not None else sys.argv):
+            args.repeats = 1
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -516,103 +683,22 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "loadavg_at_start": loadavg,
-        "gpu": None,
         "images": source,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "repeats": args.repeats,
         "server_env": env,
-        "service_info": None,
-        "service": [],
-        "pipeline": None,
-        "naive_info": None,
-        "naive": [],
-        "ratios": {},
     }
+    runs = []
     try:
-        info: dict = {}
-        if args.url:
-            info = get_info(args.url)
-            result["service_info"] = info
-            result["service"] = sweep(
-                args.url,
-                jpegs,
-                args.concurrency,
-                args.images_per_request,
-                label="service",
-                **sweep_args,
-            )
-        elif not args.skip_service:
-            if not (ROOT / "embedserve" / "service.py").is_file():
-                raise SystemExit("embedserve/service.py does not exist yet: use --skip-service")
-            port = free_port()
-            with ServerProcess(
-                service_command(port),
-                port,
-                log_dir / "service.log",
-                env,
-                cwd=ROOT,
-                ready_timeout=args.ready_timeout,
-            ) as server:
-                info = get_info(server.url)
-                result["service_info"] = info
-                print(f"service /info: {json.dumps(info)}", flush=True)
-                try:
-                    result["service"] = sweep(
-                        server.url,
-                        jpegs,
-                        args.concurrency,
-                        args.images_per_request,
-                        label="service",
-                        **sweep_args,
-                    )
-                    result["service_info_after"] = get_info(server.url)
-                except LoadError:
-                    print(f"service log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
-                    raise
-        settings = server_settings(info, env)
-        if "CUDA" in str(info.get("provider", "")):
-            result["gpu"] = gpu_name()
-        # (a) runs while no server is loaded (an external --url server is idle by now)
-        batches = sorted(
-            {
-                *args.images_per_request,
-                *([settings["max_batch_size"]] if settings["max_batch_size"] else []),
-            }
-        )
-        if not args.skip_pipeline:
-            result["pipeline"] = pipeline_rates(
-                settings, jpegs, batches, images=args.images, repeats=args.pipeline_repeats
-            )
-        if not args.skip_naive:
-            port = free_port()
-            # the naive model sees the same pixels as the package's model
-            size = open_package(settings["package"]).card["input"]["height"]
-            with ServerProcess(
-                naive_command(port, size),
-                port,
-                log_dir / "naive.log",
-                cwd=ROOT,
-                ready_timeout=args.ready_timeout,
-            ) as server:
-                result["naive_info"] = get_info(server.url)
-                try:
-                    result["naive"] = sweep(
-                        server.url,
-                        jpegs,
-                        args.naive_concurrency or args.concurrency,
-                        args.images_per_request,
-                        label="naive",
-                        **sweep_args,
-                    )
-                except LoadError:
-                    print(f"naive log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
-                    raise
-        result["ratios"] = ratios(
-            result["service"], result["naive"], result["pipeline"], settings["max_batch_size"]
-        )
+        for r in range(args.repeats):
+            if args.repeats > 1:
+                print(f"--- repeat {r + 1} of {args.repeats}", flush=True)
+            runs.append(measure(args, jpegs, env, log_dir / f"run{r + 1}", sweep_args))
     except LoadError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
+    result.update(combine(runs))
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
