@@ -16,6 +16,7 @@ batch, so one client's bad file can never fail another client's images.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -48,30 +49,33 @@ class AdaptiveBatcher:
         self.max_latency_ms = max_latency_ms
         self.max_wait_ms = max_wait_ms
         self._executor = executor
+        # A job is one image: (caller number, uint8 [1, ...]). The dispatcher decides whether to
+        # wait for more work by the number of jobs queued and compares it with max_batch_size,
+        # which is in images: with one job per image both count images, so a queue that
+        # already holds a full batch is released at once instead of being corked like a short
+        # one, and no job is ever split across two batches.
         self._dispatcher = CorkDispatcher(
             max_latency_in_ms=max_latency_ms,
             max_batch_size=max_batch_size,
             fallback=self._overloaded,
-            get_batch_size=len,
+            get_batch_size=lambda job: 1,
             batch_dim=(0, 0),
         )
         self._call = self._dispatcher(self._run)
+        self._callers = itertools.count()
         self._lock = threading.Lock()
         self.calls = 0  # model calls made
-        # inputs served: one per awaited call, or two when the dispatcher splits a call's rows
-        # to fill a batch up to max_batch_size exactly
-        self.requests = 0
-        self.images = 0  # rows served
-        self.largest = 0  # most rows in one model call
-        self.most_requests = 0  # most inputs merged into one model call
+        self.requests = 0  # calls of this batcher served (an HTTP request is one)
+        self.images = 0  # images embedded
+        self.largest = 0  # most images in one model call
+        self.most_requests = 0  # most callers whose images shared one model call
 
     @staticmethod
     def _overloaded() -> np.ndarray:
         raise Overloaded("the server is overloaded: the batch queue exceeds max_latency_ms")
 
-    async def _run(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
-        sizes = [len(b) for b in batches]
-        batch = np.concatenate(batches) if len(batches) > 1 else batches[0]
+    async def _run(self, jobs: Sequence[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        batch = np.concatenate([row for _, row in jobs])
         out = await asyncio.get_running_loop().run_in_executor(self._executor, self.fn, batch)
         # The dispatcher corks a lone request for about the mean wait of recent batches. That
         # mean also counts time spent queued behind a busy model, so after a burst a single
@@ -83,15 +87,18 @@ class AdaptiveBatcher:
         optimizer.wait = min(optimizer.wait, self.max_wait_ms / 1000.0)
         with self._lock:
             self.calls += 1
-            self.requests += len(batches)
             self.images += len(batch)
             self.largest = max(self.largest, len(batch))
-            self.most_requests = max(self.most_requests, len(batches))
-        return np.split(out, np.cumsum(sizes)[:-1])
+            self.most_requests = max(self.most_requests, len({caller for caller, _ in jobs}))
+        return list(out[:, None])  # [1, D] per job
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Rows of `fn` for the rows of `x`, batched with whatever else is waiting."""
-        return await self._call(x)
+        """Rows of `fn` for the rows of `x` [n, ...], batched with whatever else is waiting."""
+        caller = next(self._callers)
+        rows = await asyncio.gather(*(self._call((caller, x[i : i + 1])) for i in range(len(x))))
+        with self._lock:
+            self.requests += 1
+        return np.concatenate(rows)
 
     def reset_stats(self) -> None:
         """Forget the counts so far (after the warm-up)."""
