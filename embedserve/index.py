@@ -19,11 +19,21 @@ On disk, an index is a folder:
         index.faiss        faiss.write_index
         metadata.sqlite    items(id INTEGER PRIMARY KEY, path TEXT, label TEXT)
       .lock                held (flock) by a writer while it saves
+      wal.log              additions since the live version (a server's POST /index/add)
+      .wal.lock            held (flock) by the one process that appends to wal.log
 
 A save writes a new version in a temporary folder, fsyncs it, renames it into place, then
 replaces CURRENT atomically (os.replace) and removes the old version. A crash at any point
 leaves CURRENT naming a complete version: the old one until the replace, the new one after.
 Ids are the FAISS sequential ids; items are only ever appended, so an id never changes.
+
+Additions that must be durable at once (a server acknowledging them) go to a write-ahead log
+instead of a new version per request: `open_log(path)` then `add_durable(...)` appends one
+checksummed record per call, carrying its first id, and fsyncs it before returning. `load`
+replays the log over the live version, skipping records whose ids the version already holds,
+and drops a torn last record (a writer killed mid-append; it was never acknowledged). A save
+empties the log after its commit point; a crash in between only leaves records that the next
+replay skips, so no id is ever duplicated.
 """
 
 from __future__ import annotations
@@ -34,8 +44,10 @@ import os
 import secrets
 import shutil
 import sqlite3
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -55,6 +67,8 @@ LOCK_FILE = ".lock"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.sqlite"
+LOG_FILE = "wal.log"
+LOG_LOCK_FILE = ".wal.lock"
 DEFAULT_FACTORY = "Flat"
 METRIC = "inner_product"  # embeddings are L2-normalized: inner product = cosine similarity
 _SQL_CHUNK = 900  # ids per SELECT ... IN (...), below SQLite's variable limit
@@ -133,6 +147,119 @@ class _ReadWriteLock:
                 self._cond.notify_all()
 
 
+class IndexBusyError(SearchIndexError):
+    """Another process already appends to this index's write-ahead log."""
+
+
+# A log record: magic, payload length, crc32 of the payload, then the payload:
+# first id (u64), count n (u32), dim (u32), metadata length (u32), metadata as JSON
+# [[path, label], ...], then the vectors, float32 [n, dim].
+_RECORD_MAGIC = b"EWR1"
+_RECORD_HEAD = struct.Struct("<4sII")
+_PAYLOAD_HEAD = struct.Struct("<QIII")
+
+
+def _encode_record(first: int, x: np.ndarray, items: list[tuple[str | None, str | None]]) -> bytes:
+    meta = json.dumps(items, ensure_ascii=False).encode()
+    payload = _PAYLOAD_HEAD.pack(first, len(x), x.shape[1], len(meta)) + meta + x.tobytes()
+    return _RECORD_HEAD.pack(_RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def read_log(
+    path: str | os.PathLike, dim: int
+) -> tuple[list[tuple[int, np.ndarray, list[tuple[str | None, str | None]]]], int]:
+    """The records of a write-ahead log, [(first id, vectors [n, dim], [(path, label)])], and
+    the byte length of its valid part. A torn last record (incomplete, or failing its checksum
+    with nothing after it) ends the valid part; damage followed by more data is an error."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    records, offset = [], 0
+    while offset < len(data):
+        end_of_head = offset + _RECORD_HEAD.size
+        if end_of_head > len(data):
+            break  # a torn header
+        magic, length, crc = _RECORD_HEAD.unpack_from(data, offset)
+        end = end_of_head + length
+        if magic != _RECORD_MAGIC:
+            if not data[offset:].strip(b"\0"):
+                break  # zeros where a record was being written (the file grew, data lost)
+            raise SearchIndexError(f"{path}: no record starts at byte {offset}: damaged log")
+        if end > len(data):
+            break  # a torn record: the writer died mid-append, before acknowledging it
+        if zlib.crc32(data[end_of_head:end]) != crc:
+            if end == len(data):
+                break  # the last record, torn (its tail never reached the disk)
+            raise SearchIndexError(
+                f"{path}: the record at byte {offset} fails its checksum and more records "
+                "follow; refusing to guess which additions are valid"
+            )
+        first, n, rec_dim, meta_len = _PAYLOAD_HEAD.unpack_from(data, end_of_head)
+        if rec_dim != dim:
+            raise SearchIndexError(
+                f"{path}: record at byte {offset} holds {rec_dim}-d vectors, not {dim}-d"
+            )
+        start = end_of_head + _PAYLOAD_HEAD.size
+        items = [tuple(item) for item in json.loads(data[start : start + meta_len])]
+        x = np.frombuffer(data, np.float32, n * dim, start + meta_len).reshape(n, dim)
+        records.append((first, x, items))
+        offset = end
+    return records, offset
+
+
+class WriteAheadLog:
+    """The append side of INDEX_DIR/wal.log, held by one process (an flock) while it is open."""
+
+    def __init__(self, folder: str | os.PathLike, dim: int) -> None:
+        folder = Path(folder)
+        self.path = folder / LOG_FILE
+        self._lock_file = open(folder / LOG_LOCK_FILE, "a")  # noqa: SIM115 (closed in close)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise IndexBusyError(
+                f"{folder}: another process is adding to this index (it holds {LOG_LOCK_FILE}); "
+                "one writer at a time"
+            ) from None
+        _, valid = read_log(self.path, dim)
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        if os.fstat(self._fd).st_size != valid:
+            os.ftruncate(self._fd, valid)  # drop a torn last record
+            os.fsync(self._fd)
+        if created:
+            _fsync(folder)  # the new file's directory entry is durable too
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def append(self, first: int, x: np.ndarray, items: list[tuple[str | None, str | None]]) -> None:
+        """Write one record and flush it to the disk: durable when this returns."""
+        record = _encode_record(first, x, items)
+        written = os.write(self._fd, record)
+        if written != len(record):  # a full disk: remove the partial record, then fail
+            os.ftruncate(self._fd, self.size - written)
+            raise OSError(f"{self.path}: short write ({written} of {len(record)} bytes)")
+        _log_checkpoint("record-written")
+        os.fdatasync(self._fd)
+
+    def empty(self) -> None:
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        self._lock_file.close()  # releases the flock
+
+
+def _log_checkpoint(step: str) -> None:
+    """Called inside a log append; tests replace it to kill a writer mid-record."""
+
+
 class SearchIndex:
     """A FAISS index over one model's embeddings, with each vector's path and label.
 
@@ -154,6 +281,10 @@ class SearchIndex:
         self._db: sqlite3.Connection | None = None
         self._saved_count = 0
         self._pending: list[tuple[str | None, str | None]] = []
+        self._log: WriteAheadLog | None = None  # open_log: add_durable appends here
+        self._log_folder: Path | None = None
+        self._append_lock = threading.Lock()  # one durable writer: ids in log order
+        self.replayed = 0  # vectors added from the write-ahead log by load
         if metadata_db is not None:
             self._open_db(metadata_db)
         try:
@@ -232,7 +363,25 @@ class SearchIndex:
             )
         if package is not None:
             index.check_model(package, where=str(path))
+        index._replay(path)
         return index
+
+    def _replay(self, folder: Path) -> None:
+        """Add the log's records that the loaded version does not hold yet."""
+        records, _ = read_log(folder / LOG_FILE, self.dim)
+        for first, x, items in records:
+            have = self.ntotal
+            if first + len(x) <= have:
+                continue  # saved in the live version already (a crash before the log was emptied)
+            if first > have:
+                raise SearchIndexError(
+                    f"{folder / LOG_FILE}: a record starts at id {first}, but the index holds "
+                    f"only {have} items: additions are missing"
+                )
+            skip = have - first
+            paths, labels = zip(*items[skip:], strict=True)
+            self.add(x[skip:], paths, labels)
+            self.replayed += len(x) - skip
 
     @staticmethod
     def _current_version(path: Path) -> Path:
@@ -325,6 +474,48 @@ class SearchIndex:
             self.manifest["updated"] = _now()
         return np.arange(first, first + n, dtype=np.int64)
 
+    def open_log(self, folder: str | os.PathLike) -> None:
+        """Become the one process that appends to `folder`'s write-ahead log (add_durable)."""
+        if self._log is not None:
+            raise SearchIndexError(f"the log of {self._log_folder} is open already")
+        self._log = WriteAheadLog(folder, self.dim)
+        self._log_folder = Path(folder)
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = self._log_folder = None
+
+    @property
+    def log_size(self) -> int:
+        """Bytes in the open write-ahead log (0 without one)."""
+        return 0 if self._log is None else self._log.size
+
+    def add_durable(
+        self,
+        embeddings: np.ndarray,
+        paths: Sequence[str | None] | None = None,
+        labels: Sequence[str | None] | None = None,
+    ) -> np.ndarray:
+        """`add`, durably: the vectors are in the fsynced write-ahead log when this returns
+        their ids, and searchable at once. Searches run meanwhile see the index before or after
+        the addition, never half of it."""
+        if self._log is None:
+            raise SearchIndexError("no write-ahead log is open (open_log first)")
+        x = self._check_embeddings(embeddings)
+        n = len(x)
+        paths = [None] * n if paths is None else list(paths)
+        labels = [None] * n if labels is None else list(labels)
+        if len(paths) != n or len(labels) != n:
+            raise ValueError(f"{n} embeddings but {len(paths)} paths and {len(labels)} labels")
+        if not self.index.is_trained:
+            raise SearchIndexError("the index is not trained yet: build it with images first")
+        with self._append_lock:
+            first = self.ntotal
+            self._log.append(first, x, list(zip(paths, labels, strict=True)))
+            self.add(x, paths, labels)
+        return np.arange(first, first + n, dtype=np.int64)
+
     def search(self, embeddings: np.ndarray, k: int = 10) -> list[list[dict[str, Any]]]:
         """The k nearest items of each query [N, D], best first: {"id", "score", "path", "label"}.
 
@@ -387,6 +578,25 @@ class SearchIndex:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        with self._append_lock, self._log_for_save(path) as log:
+            return self._save(path, log)
+
+    @contextmanager
+    def _log_for_save(self, path: Path) -> Iterator[WriteAheadLog | None]:
+        """The log that this save empties: the open one, or the folder's, held while we save
+        (a save must not empty a log that a server is still appending to)."""
+        if self._log is not None and self._log_folder == path:
+            yield self._log
+        elif (path / LOG_FILE).exists():
+            log = WriteAheadLog(path, self.dim)  # IndexBusyError if a server is writing
+            try:
+                yield log
+            finally:
+                log.close()
+        else:
+            yield None
+
+    def _save(self, path: Path, log: WriteAheadLog | None) -> Path:
         with self._lock.write(), open(path / LOCK_FILE, "a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             live = self._live_version_name(path)
@@ -419,8 +629,19 @@ class SearchIndex:
             _save_checkpoint("pointer-replaced")
             self._open_db(version / METADATA_FILE)
             self._pending = []
+            if log is not None:
+                # Everything in the log is in the new version now (this process replayed it or
+                # added it). A crash before this line leaves records the next load skips.
+                log.empty()
+                _save_checkpoint("log-emptied")
             for entry in path.iterdir():  # the old version and any leftovers of crashed saves
-                if entry.name not in (version.name, CURRENT_FILE, LOCK_FILE):
+                if entry.name not in (
+                    version.name,
+                    CURRENT_FILE,
+                    LOCK_FILE,
+                    LOG_FILE,
+                    LOG_LOCK_FILE,
+                ):
                     if entry.is_dir():
                         shutil.rmtree(entry, ignore_errors=True)
                     else:
