@@ -16,7 +16,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_PREFIX = "EMBEDSERVE_"
@@ -63,6 +63,18 @@ class ServeConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 40_000_000  # a decompression bomb declares far more
     max_k: int = 1000
+    # Requests handled at once per worker (parsing, decoding, queued for the model); more get
+    # an immediate 503 with Retry-After instead of holding memory while they wait.
+    max_concurrent_requests: int = 256
+    # A request whose response has not started this many seconds after it arrived gets a 504
+    # (BentoML's traffic timeout): bounds a slow client that trickles its body in.
+    request_timeout_s: int = 120
+    # Optional bearer token for /embed, /search and /info; required for POST /index/add, which
+    # is off without one. Never logged, never in /info or repr (compared in constant time).
+    api_key: str | None = field(default=None, repr=False)
+    # POST /index/add appends to a write-ahead log in the index folder; past this size the
+    # index is saved as a new version (atomic) and the log emptied.
+    index_log_max_bytes: int = 64 * 1024 * 1024
     # ONNX Runtime intra-op threads per worker; None: the cores divided among the workers.
     threads: int | None = None
     # Threads that decode images (Pillow releases the GIL); None: the cores of this process.
@@ -84,6 +96,9 @@ class ServeConfig:
             "max_image_pixels",
             "max_k",
             "workers",
+            "max_concurrent_requests",
+            "request_timeout_s",
+            "index_log_max_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -95,6 +110,9 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, not {value}")
+        if self.api_key is not None and len(self.api_key) < 16:
+            # the length only: the key itself must never appear in a message
+            raise ConfigError(f"api_key must be at least 16 characters, not {len(self.api_key)}")
 
     @property
     def intra_op_threads(self) -> int:
@@ -106,8 +124,11 @@ class ServeConfig:
         return self.decode_threads or cpu_count()
 
     def public(self) -> dict:
-        """The settings as JSON-able values (for /info and the log)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The settings as JSON-able values (for /info and the log), without secrets: the API
+        key is replaced by whether one is set."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
+        values["auth"] = "api key required" if self.api_key else "open"
+        return values
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}

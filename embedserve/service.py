@@ -1,8 +1,12 @@
 """The HTTP service: `bentoml serve embedserve.service:EmbedService` (what `make serve` runs).
 
-    POST /embed   multipart, field `images` repeated -> one L2-normalized embedding per image
-    POST /search  multipart `images` + `k`           -> top-k neighbours from the FAISS index
-    GET  /info    the model, the execution provider really in use, batching, limits, index
+    POST /embed       multipart, field `images` repeated -> one L2-normalized embedding per image
+    POST /search      multipart `images` + `k`           -> top-k neighbours from the FAISS index
+    GET  /info        the model, the execution provider really in use, batching, limits, index
+    POST /index/add   multipart `images` + `metadata`    -> ids of the images added to the index
+
+Reading endpoints are open unless EMBEDSERVE_API_KEY is set (then they need
+`Authorization: Bearer <key>`); /index/add always needs the key and is off without one.
 
 A request is parsed and its images decoded (in a thread pool: Pillow releases the GIL) before
 anything is batched, so a bad file fails only its own request, with a 4xx that names it. The
@@ -13,6 +17,9 @@ decoded images of concurrent requests then share model calls through adaptive ba
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +28,15 @@ from typing import Any
 
 import bentoml
 import numpy as np
+import onnxruntime as ort
 import orjson
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedserve import __version__
 from embedserve.batching import AdaptiveBatcher, Overloaded
@@ -34,6 +44,7 @@ from embedserve.config import ServeConfig, load_config, unknown_variables
 from embedserve.package import (
     MODELS_DIR,
     Encoder,
+    ModelPackage,
     PackageError,
     cuda_session_starts,
     load_package,
@@ -58,6 +69,24 @@ if CONFIG.index and not Path(CONFIG.index).is_dir():
         f"EMBEDSERVE_INDEX={CONFIG.index}: no such index directory (build one with "
         "`embedserve index build --images DIR --out INDEX_DIR`)"
     )
+
+
+def _variants_to_verify(package: ModelPackage, cfg: ServeConfig) -> set[str]:
+    """The variants a worker may open with these settings (as Encoder chooses them)."""
+    if cfg.variant != "auto":
+        return {cfg.variant}
+    chosen = set()
+    if cfg.device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        chosen.add(package.choose_variant("cuda"))
+    if cfg.device != "cuda":
+        chosen.add(package.choose_variant("cpu"))
+    return chosen
+
+
+# A model file modified or truncated on disk stops the server here with the sha256 mismatch,
+# instead of each worker failing on it and being restarted forever (never ready).
+for _variant in sorted(_variants_to_verify(_PACKAGE, CONFIG)):
+    _PACKAGE.verify_file(_variant)
 if CONFIG.device == "cuda" and not cuda_session_starts(_PACKAGE):
     # Checked here, in the `bentoml serve` process itself, so that the server exits with this
     # error instead of restarting a failing worker forever. No silent fallback to the CPU.
@@ -66,6 +95,23 @@ if CONFIG.device == "cuda" and not cuda_session_starts(_PACKAGE):
         "(no GPU, or the CUDA 13 / cuDNN 9 libraries are missing); use EMBEDSERVE_DEVICE=auto "
         "or cpu to run on the CPU"
     )
+
+
+def index_writes_off_reason(cfg: ServeConfig) -> str | None:
+    """Why POST /index/add is off with these settings, or None when it is on."""
+    if not cfg.api_key:
+        return (
+            "adding to the index needs an API key, and none is configured: start the server "
+            "with EMBEDSERVE_API_KEY set (and EMBEDSERVE_INDEX)"
+        )
+    if not cfg.index:
+        return "no search index is configured (EMBEDSERVE_INDEX)"
+    if cfg.workers != 1:
+        # each worker holds its own copy of the index: additions through one would be
+        # invisible to the others
+        return f"adding to the index needs EMBEDSERVE_WORKERS=1 (this server runs {cfg.workers})"
+    return None
+
 
 # The images of a warm-up pass through the batcher: enough for BentoML's dispatcher to fit its
 # latency model (it forces batches of 1, 2 and 3 for its first ~22 calls) before /readyz is 200.
@@ -104,18 +150,88 @@ class SearchResponse(BaseModel):
     results: list[SearchResult] = Field(description="one entry per query image, in request order")
 
 
+class AddResponse(BaseModel):
+    """The answer of /index/add: the additions are durable and searchable when it comes."""
+
+    model: str
+    ids: list[int] = Field(description="the new images' ids, in request order")
+    index_size: int = Field(description="images in the index now")
+
+
 class ClientError(Exception):
     """A client's fault: answered with `status` and a JSON body that names the problem."""
 
-    def __init__(self, status: int, error: str, files: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        files: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(error)
-        self.status, self.error, self.files = status, error, files
+        self.status, self.error, self.files, self.headers = status, error, files, headers
 
     def response(self) -> JSONResponse:
         body: dict[str, Any] = {"error": self.error}
         if self.files:
             body["files"] = self.files
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def check_api_key(request: Request, key: str | None, required: bool = False) -> None:
+    """Raise a 401 ClientError unless the request carries `Authorization: Bearer <key>`.
+
+    Without a configured key the reading endpoints are open (`required=False`). The comparison
+    takes the same time wherever the first wrong byte is (hmac.compare_digest), and the error
+    never repeats what was sent."""
+    if key is None and not required:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if key is not None and scheme.lower() == "bearer":
+        # digests of equal length: not even the key's length shows in the timing
+        if hmac.compare_digest(_digest(token.strip()), _digest(key)):
+            return
+        problem = "wrong API key"
+    else:
+        problem = "missing API key"
+    raise ClientError(
+        401,
+        f"{problem}: send the header 'Authorization: Bearer <key>' (EMBEDSERVE_API_KEY)",
+        headers={"WWW-Authenticate": 'Bearer realm="embedserve"'},
+    )
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most `limit` requests in the app at once; more get a 503 at once
+    (with Retry-After) instead of holding their bodies in memory while they wait."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit, self.active = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            response = JSONResponse(
+                {
+                    "error": f"the server is handling {self.limit} requests already "
+                    "(max_concurrent_requests); retry later"
+                },
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        self.active += 1  # one event loop per worker: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 def _status_for(error: ImageDecodeError) -> int:
@@ -132,7 +248,7 @@ def _client_name(position: int, filename: str | None) -> str:
 
 
 async def read_form(
-    request: Request, max_bytes: int, fields: tuple[str, ...]
+    request: Request, max_bytes: int, fields: tuple[str, ...], max_files: int = 10_000
 ) -> tuple[list[tuple[str | None, bytes]], dict[str, str]]:
     """The uploaded images (filename, bytes) and the text fields of a multipart request.
 
@@ -140,6 +256,8 @@ async def read_form(
     Content-Length, or while it streams in when it has none (chunked). Then the body must be
     multipart/form-data (415) that parses (400), with its images as files in the field `images`
     (400: missing, sent as text, or a misspelt field) and no field other than `fields`.
+    More than `max_files` file parts stop the parser at once (413), and more text parts than
+    the form has fields (400): a body of a million tiny parts costs no more than its bytes.
     """
     too_large = f"request body over the limit of {max_bytes} bytes (max_request_bytes)"
     declared = request.headers.get("content-length")
@@ -157,11 +275,14 @@ async def read_form(
             "as files in the field 'images' (curl -F images=@photo.jpg)",
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ClientError(413, too_large)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ClientError(413, too_large)
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody reads the answer; nothing to log as an error
+        raise ClientError(400, "the client disconnected before sending the whole body") from None
     body = b"".join(chunks)
 
     async def stream():
@@ -169,9 +290,19 @@ async def read_form(
 
     try:
         form = await MultiPartParser(
-            request.headers, stream(), max_files=10_000, max_part_size=len(body) + 1
+            request.headers,
+            stream(),
+            max_files=max_files,
+            max_fields=len(fields),
+            max_part_size=len(body) + 1,
         ).parse()
     except (MultiPartException, ValueError) as e:
+        if str(e).startswith("Too many files"):
+            raise ClientError(
+                413,
+                f"more than {max_files} files in one request, over the limit of "
+                f"{max_files - 1} images (max_images_per_request)",
+            ) from None
         raise ClientError(400, f"malformed multipart body: {e}") from None
     try:
         unknown = sorted(set(form.keys()) - set(fields))
@@ -205,6 +336,54 @@ async def read_form(
         await form.close()
 
 
+# What a stored path or label may be: text of bounded length without control characters (a
+# path is only ever stored and returned, never opened, joined or written to).
+_MAX_PATH_CHARS = 1024
+_MAX_LABEL_CHARS = 256
+
+
+def _clean_text(value: Any, what: str, limit: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ClientError(400, f"{what} must be a string or null, not {type(value).__name__}")
+    if len(value) > limit:
+        raise ClientError(400, f"{what} is {len(value)} characters, over the limit of {limit}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ClientError(400, f"{what} contains control characters")
+    return value
+
+
+def _parse_metadata(
+    raw: str | None, images: list[tuple[str | None, bytes]]
+) -> tuple[list[str | None], list[str | None]]:
+    """Paths and labels of the images to add, from the `metadata` field (a JSON array with one
+    {"path", "label"} object per image) or, without it, the uploaded files' names."""
+    if raw is None:
+        paths = [
+            _clean_text(name, f"images[{i}]'s file name", _MAX_PATH_CHARS)
+            for i, (name, _) in enumerate(images)
+        ]
+        return paths, [None] * len(images)
+    try:
+        items = json.loads(raw)
+    except ValueError as e:
+        raise ClientError(400, f"metadata is not valid JSON: {e}") from None
+    if not isinstance(items, list) or len(items) != len(images):
+        raise ClientError(
+            400,
+            f"metadata must be a JSON array with one object per image ({len(images)}), "
+            '[{"path": ..., "label": ...}, ...]',
+        )
+    paths, labels = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"path", "label"}:
+            raise ClientError(400, f'metadata[{i}] must be an object with only "path" and "label"')
+        paths.append(_clean_text(item.get("path"), f"metadata[{i}].path", _MAX_PATH_CHARS))
+        labels.append(_clean_text(item.get("label"), f"metadata[{i}].label", _MAX_LABEL_CHARS))
+    return paths, labels
+
+
 def _multipart_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The OpenAPI requestBody of an endpoint that takes `images` (+ `extra` fields)."""
     properties = {
@@ -231,10 +410,14 @@ def _multipart_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 _ERRORS = {
     400: {"description": "a bad file or field; the body names each bad file and its problem"},
+    401: {"description": "EMBEDSERVE_API_KEY is set and the request has no or a wrong key"},
     409: {"description": "no index configured (for /search)"},
     413: {"description": "too many images, too many pixels, or a body over the byte limit"},
     415: {"description": "an image format that is not decoded, or a body that is not multipart"},
-    503: {"description": "overloaded: the batch queue exceeds max_latency_ms; retry"},
+    503: {
+        "description": "overloaded: the batch queue exceeds max_latency_ms, or "
+        "max_concurrent_requests are running; retry"
+    },
 }
 
 
@@ -243,13 +426,15 @@ _ERRORS = {
 # `list[Path]` writes each upload to a temporary file and answers 357 single-file requests/s,
 # a route mounted in the same server 827; and BentoML's APIs are POST only, /info is a GET.
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(ConcurrencyLimit, limit=CONFIG.max_concurrent_requests)
 
 
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="embedserve",
     workers=CONFIG.workers,
-    traffic={"timeout": 120},
+    # A request whose answer has not started after this long gets a 504 (slow clients).
+    traffic={"timeout": CONFIG.request_timeout_s},
     logging={"access": {"enabled": CONFIG.access_log}},
     # The OpenAPI page's title and description (served at / and /docs.json).
     description=__doc__,
@@ -284,12 +469,25 @@ class EmbedService:
             from embedserve.index import SearchIndex  # faiss is imported only when it is used
 
             self.index = SearchIndex.load(cfg.index, self.package)  # refuses another model's
-            logger.info("index %s: %d vectors", cfg.index, len(self.index))
+            logger.info(
+                "index %s: %d vectors (%d from its write-ahead log)",
+                cfg.index,
+                len(self.index),
+                self.index.replayed,
+            )
+        self.writes_off = index_writes_off_reason(cfg)
+        if self.writes_off is None:
+            self.index.open_log(cfg.index)  # this worker is the index's one writer
+            logger.info("POST /index/add is on (API key required)")
+        elif cfg.api_key and cfg.index:
+            logger.warning("POST /index/add is off: %s", self.writes_off)
         inp = self.package.card["input"]
         self._input_shape = (inp["height"], inp["width"], inp["channels"])
         self._decode_pool = ThreadPoolExecutor(cfg.decoder_threads, thread_name_prefix="decode")
         # One thread runs the model: ONNX Runtime parallelises inside a call with its own pool.
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
+        # One thread writes the index: log appends (fsync) and saves, in request order.
+        self._index_pool = ThreadPoolExecutor(1, thread_name_prefix="index-writer")
         self.batcher = AdaptiveBatcher(
             self.encoder.embed,
             cfg.max_batch_size,
@@ -357,7 +555,11 @@ class EmbedService:
     async def _read(
         self, request: Request, fields: tuple[str, ...]
     ) -> tuple[list[tuple[str | None, bytes]], dict[str, str]]:
-        images, values = await read_form(request, self.config.max_request_bytes, fields)
+        cfg = self.config
+        # one file part over the limit is still counted exactly (a 413 that says how many)
+        images, values = await read_form(
+            request, cfg.max_request_bytes, fields, max_files=cfg.max_images_per_request + 1
+        )
         self._check_count(images)
         return images, values
 
@@ -385,6 +587,7 @@ class EmbedService:
         file; missing field), 413 (too many images, too many pixels, body too large), 415
         (unsupported image format), 503 (overloaded)."""
         try:
+            check_api_key(request, self.config.api_key)
             images, _ = await self._read(request, ("images",))
             emb = await self._embed(images)
         except ClientError as e:
@@ -411,6 +614,10 @@ class EmbedService:
 
         Needs an index (`embedserve index build ...`, then EMBEDSERVE_INDEX=DIR); without one
         the answer is 409 with these instructions."""
+        try:
+            check_api_key(request, self.config.api_key)
+        except ClientError as e:
+            return e.response()
         if self.index is None:
             return JSONResponse(
                 {
@@ -446,14 +653,97 @@ class EmbedService:
             raise ClientError(400, f"k must be between 1 and {self.config.max_k} (max_k), not {k}")
         return k
 
-    @app.get("/info", summary="What is being served", tags=["Service APIs"])
-    def info(self) -> dict[str, Any]:
+    @app.post(
+        "/index/add",
+        summary="Add images to the index (API key required)",
+        response_model=AddResponse,
+        responses={
+            **_ERRORS,
+            401: {"description": "no or a wrong API key (Authorization: Bearer <key>)"},
+            403: {"description": "adding is off: no API key configured, no index, or workers > 1"},
+            409: {"description": "no index configured"},
+        },
+        openapi_extra=_multipart_body(
+            {
+                "metadata": {
+                    "type": "string",
+                    "description": "optional JSON array, one object per image in order: "
+                    '[{"path": "photos/cat.jpg", "label": "cat"}, ...]; both keys optional. '
+                    "Without it, each path is the uploaded file's name and there is no label. "
+                    "Paths are stored as text, never opened.",
+                }
+            }
+        ),
+        tags=["Service APIs"],
+    )
+    async def index_add(self, request: Request) -> Response:
+        """Embed the images and append them to the served index; the answer gives their ids.
+        When it comes, the additions are in the index's fsynced write-ahead log (they survive
+        a crash or a kill) and searchable. Searches running meanwhile are never failed.
+
+        Example: `curl -H "Authorization: Bearer $KEY" -F images=@cat.jpg
+        -F 'metadata=[{"path": "cat.jpg", "label": "cat"}]' localhost:3000/index/add`
+
+        Needs EMBEDSERVE_API_KEY (without one, 403: adding is off), EMBEDSERVE_INDEX and one
+        worker."""
+        cfg = self.config
+        try:
+            if cfg.api_key is None:
+                raise ClientError(403, f"POST /index/add is off: {self.writes_off}")
+            check_api_key(request, cfg.api_key, required=True)
+            if self.writes_off is not None:
+                raise ClientError(403, f"POST /index/add is off: {self.writes_off}")
+            images, values = await self._read(request, ("images", "metadata"))
+            paths, labels = _parse_metadata(values.get("metadata"), images)
+            emb = await self._embed(images)
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self._index_pool, self._add_durably, emb, paths, labels
+            )
+        except ClientError as e:
+            return e.response()
+        except Overloaded as e:
+            return JSONResponse({"error": f"{e}; retry later"}, status_code=503)
+        except OSError as e:  # the log could not be written: nothing was acknowledged
+            logger.error("index log write failed: %s", e)
+            return JSONResponse(
+                {"error": f"not added: the index could not be written ({e.strerror}); retry"},
+                status_code=503,
+            )
+        return _json({"model": self.package.name, "ids": ids, "index_size": len(self.index)})
+
+    def _add_durably(
+        self, emb: np.ndarray, paths: list[str | None], labels: list[str | None]
+    ) -> np.ndarray:
+        """Log + add (durable and searchable), then compact a log grown past its limit."""
+        ids = self.index.add_durable(emb, paths, labels)
+        if self.index.log_size > self.config.index_log_max_bytes:
+            start = time.perf_counter()
+            version = self.index.save(self.config.index)  # atomic; then the log is emptied
+            logger.info(
+                "index saved as %s (%d vectors) in %.2f s; log emptied",
+                version.name,
+                len(self.index),
+                time.perf_counter() - start,
+            )
+        return ids
+
+    @app.get(
+        "/info",
+        summary="What is being served",
+        responses={401: _ERRORS[401]},
+        tags=["Service APIs"],
+    )
+    def info(self, request: Request) -> Response:
         """The model card's essentials, the execution provider the ONNX Runtime session really
         uses (not what `get_available_providers()` lists), the variant, the batching settings
         with what batching has really done so far, the limits, and the index's size and model.
 
         Example: `curl localhost:3000/info`"""
-        return self.describe()
+        try:
+            check_api_key(request, self.config.api_key)
+        except ClientError as e:
+            return e.response()
+        return _json(self.describe())
 
     def describe(self) -> dict[str, Any]:
         card = self.package.card
@@ -491,6 +781,12 @@ class EmbedService:
                 "max_image_pixels": cfg.max_image_pixels,
                 "max_k": cfg.max_k,
             },
+            "traffic": {
+                "max_concurrent_requests": cfg.max_concurrent_requests,
+                "request_timeout_s": cfg.request_timeout_s,
+            },
+            # whether a key is needed; the key itself is never shown
+            "auth": "api key required" if cfg.api_key else "open",
             "index": None
             if self.index is None
             else {
@@ -498,6 +794,8 @@ class EmbedService:
                 "size": len(self.index),
                 "model": self.index.manifest.get("model"),
                 "factory": self.index.manifest.get("factory"),
+                "writes": "on (api key required)" if self.writes_off is None else "off",
+                "log_bytes": self.index.log_size,
             },
         }
 

@@ -69,3 +69,21 @@ def test_switches_read_the_usual_spellings(raw, value):
 def test_a_switch_with_another_value_is_refused():
     with pytest.raises(ConfigError, match="access_log must be true or false"):
         load_config(environ={"EMBEDSERVE_ACCESS_LOG": "maybe"})
+
+
+def test_the_api_key_is_never_shown():
+    cfg = load_config(environ={"EMBEDSERVE_API_KEY": "s3cret-s3cret-s3cret"})
+    assert cfg.api_key == "s3cret-s3cret-s3cret"
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.public())
+    assert cfg.public()["auth"] == "api key required"
+    assert ServeConfig().public()["auth"] == "open"
+
+
+def test_a_short_api_key_is_refused_without_repeating_it():
+    with pytest.raises(ConfigError, match="at least 16 characters, not 6") as error:
+        load_config(environ={"EMBEDSERVE_API_KEY": "abc123"})
+    assert "abc123" not in str(error.value)
+
+
+def test_an_empty_api_key_means_none():
+    assert load_config(environ={"EMBEDSERVE_API_KEY": ""}).api_key is None

@@ -391,3 +391,11 @@ def test_a_body_that_is_not_a_multipart_form_gets_a_4xx(
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
     assert_still_healthy(server, photos)
+
+
+def test_without_an_api_key_reading_is_open_and_adding_to_the_index_is_off(server, info, photos):
+    assert info["auth"] == "open" and info["index"]["writes"] == "off"
+    response = post_images(server.url + "/index/add", [("a.jpg", photos[0])])
+    assert response.status_code == 403
+    assert "needs an API key" in response.json()["error"]
+    assert "EMBEDSERVE_API_KEY" in response.json()["error"]
