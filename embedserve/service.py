@@ -21,6 +21,8 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -443,6 +445,7 @@ class EmbedService:
     """Image embeddings and similarity search with a self-supervised encoder on ONNX Runtime."""
 
     def __init__(self) -> None:
+        _exit_when_orphaned()
         for name in unknown_variables():
             logger.warning("ignoring %s: no such setting (see embedserve.config)", name)
         cfg = self.config = CONFIG
@@ -798,6 +801,24 @@ class EmbedService:
                 "log_bytes": self.index.log_size,
             },
         }
+
+
+def _exit_when_orphaned(period_s: float = 1.0) -> None:
+    """Exit this worker when the `bentoml serve` process that started it dies (SIGKILL, OOM).
+
+    Its workers run in their own sessions, so they outlive it: an orphan would keep serving
+    from the inherited socket with nobody to restart it, and keep the index's writer lock, so
+    that a restarted server could not add to the index."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            if os.getppid() != parent:
+                logger.error("the server process %d is gone; this worker exits", parent)
+                os._exit(70)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def _json(body: dict[str, Any]) -> Response:
