@@ -392,6 +392,8 @@ def _multipart_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "images": {
             "type": "array",
             "items": {"type": "string", "format": "binary"},
+            "minItems": 1,
+            "maxItems": CONFIG.max_images_per_request,
             "description": "image files (JPEG, PNG, WebP, GIF, BMP, TIFF): repeat the field "
             "once per image",
         },
@@ -403,7 +405,14 @@ def _multipart_body(extra: dict[str, Any] | None = None) -> dict[str, Any]:
             "content": {
                 "multipart/form-data": {
                     "schema": {"type": "object", "required": ["images"], "properties": properties},
-                    "encoding": {"images": {"contentType": "image/*"}},
+                    "encoding": {
+                        "images": {"contentType": "image/*"},
+                        **{
+                            name: {"contentType": "application/json"}
+                            for name, spec in (extra or {}).items()
+                            if spec.get("type") == "array"
+                        },
+                    },
                 }
             },
         }
@@ -669,7 +678,15 @@ class EmbedService:
         openapi_extra=_multipart_body(
             {
                 "metadata": {
-                    "type": "string",
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "path": {"type": ["string", "null"], "maxLength": _MAX_PATH_CHARS},
+                            "label": {"type": ["string", "null"], "maxLength": _MAX_LABEL_CHARS},
+                        },
+                        "additionalProperties": False,
+                    },
                     "description": "optional JSON array, one object per image in order: "
                     '[{"path": "photos/cat.jpg", "label": "cat"}, ...]; both keys optional. '
                     "Without it, each path is the uploaded file's name and there is no label. "
