@@ -51,7 +51,9 @@ def server(index_dir, tmp_path_factory):  # noqa: F811
     [([f"Authorization: Bearer {KEY}"], 50), ([], 10)],
     ids=["with-key", "without-key"],
 )
-def test_fuzzing_the_openapi_schema_finds_no_5xx_and_no_schema_violation(server, headers, examples):
+def test_fuzzing_the_openapi_schema_finds_no_5xx_and_no_schema_violation(
+    server, headers, examples, tmp_path
+):
     command = [str(SCHEMATHESIS), "run", server.url + "/docs.json", "--checks", CHECKS]
     command += ["--max-examples", str(examples), "--generation-deterministic", "--workers", "1"]
     command += ["--request-timeout", "30", "--no-color"]
