@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -76,3 +77,25 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
+
+
+def build_index(images: Path, out: Path) -> Path:
+    """`embedserve index build` on a folder, through the command line, on the CPU."""
+    subprocess.run(
+        [sys.executable, "-m", "embedserve.cli", "index", "build", "--images", str(images)]
+        + ["--out", str(out), "--device", "cpu", "--quiet"],
+        check=True,
+        cwd=REPO,
+    )
+    return out
+
+
+@contextmanager
+def running(env: Mapping[str, str], log: Path) -> Iterator[Server]:
+    """A ready Server, stopped on exit (for module-scoped fixtures)."""
+    srv = Server(env, log)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

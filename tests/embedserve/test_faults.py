@@ -9,8 +9,6 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,7 +21,7 @@ from PIL import Image
 from embedserve.index import SearchIndex
 from embedserve.package import load_package
 from tests.conftest import make_pattern, write_image_folder
-from tests.embedserve.server import REPO, Server
+from tests.embedserve.server import Server, build_index
 
 pytestmark = pytest.mark.slow
 
@@ -182,12 +180,7 @@ def test_workers_exit_when_the_server_process_is_killed(tmp_path):
 def test_every_acknowledged_addition_survives_sigkills_of_the_server(tmp_path):
     folder = write_image_folder(tmp_path / "gallery", num_classes=2, per_class=3, size=40, seed=9)
     index_dir = tmp_path / "index"
-    subprocess.run(
-        [sys.executable, "-m", "embedserve.cli", "index", "build", "--images", str(folder)]
-        + ["--out", str(index_dir), "--device", "cpu", "--quiet"],
-        check=True,
-        cwd=REPO,
-    )
+    build_index(folder, index_dir)
     env = {
         "EMBEDSERVE_API_KEY": KEY,
         "EMBEDSERVE_INDEX": str(index_dir),

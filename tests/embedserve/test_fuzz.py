@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.embedserve.server import Server
+from tests.embedserve.server import running
 from tests.embedserve.test_security import index_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -37,12 +37,8 @@ def server(index_dir, tmp_path_factory):  # noqa: F811
         "EMBEDSERVE_MAX_REQUEST_BYTES": str(1024 * 1024),
         "EMBEDSERVE_ACCESS_LOG": "false",
     }
-    srv = Server(env, tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        srv.wait_ready()
+    with running(env, tmp_path_factory.mktemp("log") / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="schemathesis is not installed (dev extra)")

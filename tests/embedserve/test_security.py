@@ -12,8 +12,6 @@ import json
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import make_pattern, write_image_folder
-from tests.embedserve.server import REPO, Server
+from tests.embedserve.server import build_index, running
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +48,7 @@ def index_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("security")
     folder = write_image_folder(root / "gallery", num_classes=4, per_class=3, size=48, seed=5)
     out = root / "index"
-    subprocess.run(
-        [sys.executable, "-m", "embedserve.cli", "index", "build", "--images", str(folder)]
-        + ["--out", str(out), "--device", "cpu", "--quiet"],
-        check=True,
-        cwd=REPO,
-    )
+    build_index(folder, out)
     return out
 
 
@@ -70,12 +63,8 @@ def server(index_dir, tmp_path_factory):
         "EMBEDSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
         "EMBEDSERVE_INDEX_LOG_MAX_BYTES": str(LOG_MAX_BYTES),
     }
-    srv = Server(env, tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        srv.wait_ready()
+    with running(env, tmp_path_factory.mktemp("log") / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def post(server, route: str, images: list[tuple[str, bytes]], headers=None, **data):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from embedserve.package import Encoder, cuda_session_starts, load_package
 from tests.conftest import make_pattern, write_image_folder
-from tests.embedserve.server import REPO, Server
+from tests.embedserve.server import REPO, Server, build_index, running
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +53,7 @@ def index_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("service")
     folder = write_image_folder(root / "gallery", num_classes=4, per_class=6, size=48, seed=3)
     out = root / "index"
-    subprocess.run(
-        [sys.executable, "-m", "embedserve.cli", "index", "build", "--images", str(folder)]
-        + ["--out", str(out), "--device", "cpu", "--quiet"],
-        check=True,
-        cwd=REPO,
-    )
+    build_index(folder, out)
     return out
 
 
@@ -71,12 +66,8 @@ def server(index_dir, tmp_path_factory):
         "EMBEDSERVE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
         "EMBEDSERVE_MAX_K": str(MAX_K),
     }
-    srv = Server(env, tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        srv.wait_ready()
+    with running(env, tmp_path_factory.mktemp("log") / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
