@@ -66,6 +66,9 @@ class ServeConfig:
     # Requests handled at once per worker (parsing, decoding, queued for the model); more get
     # an immediate 503 with Retry-After instead of holding memory while they wait.
     max_concurrent_requests: int = 256
+    # Bytes of request bodies a worker holds at once (what bounds its memory; see the README's
+    # memory ceiling). A body that would pass it gets an immediate 503 with Retry-After.
+    max_inflight_bytes: int = 256 * 1024 * 1024
     # A request whose response has not started this many seconds after it arrived gets a 504
     # (BentoML's traffic timeout): bounds a slow client that trickles its body in.
     request_timeout_s: int = 120
@@ -97,11 +100,17 @@ class ServeConfig:
             "max_k",
             "workers",
             "max_concurrent_requests",
+            "max_inflight_bytes",
             "request_timeout_s",
             "index_log_max_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_inflight_bytes < self.max_request_bytes:
+            raise ConfigError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_request_bytes "
+                f"({self.max_request_bytes}), or a request of the largest allowed size is never served"
+            )
         if self.max_batch_size < 2:
             raise ConfigError("max_batch_size must be at least 2 (BentoML's batching needs it)")
         if self.max_batch_wait_ms < 0:

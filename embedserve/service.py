@@ -207,12 +207,52 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
 
-class ConcurrencyLimit:
-    """ASGI middleware: at most `limit` requests in the app at once; more get a 503 at once
-    (with Retry-After) instead of holding their bodies in memory while they wait."""
+class BodyBudget:
+    """The bytes of request bodies one worker holds at once (`max_inflight_bytes`).
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    Each request takes its share as its body comes in (all of a declared Content-Length at
+    once, before reading; a chunked body chunk by chunk) and gives it back when its answer is
+    sent. A request whose body would pass the budget gets a 503 with Retry-After at once, so
+    many large uploads at once wait in their clients, not in this process's memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+
+class BodyHold:
+    """One request's share of the worker's `BodyBudget`."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget, self.bytes = budget, 0
+
+    def take(self, n: int) -> None:
+        budget = self.budget
+        if budget.used + n > budget.limit:  # one event loop per worker: no lock needed
+            raise ClientError(
+                503,
+                f"the server holds {budget.used} bytes of request bodies already, and {n} more "
+                f"would pass its budget of {budget.limit} (max_inflight_bytes); retry later",
+                headers={"Retry-After": "1"},
+            )
+        budget.used += n
+        self.bytes += n
+
+    def release(self) -> None:
+        self.budget.used -= self.bytes
+        self.bytes = 0
+
+
+BODY_HOLD = "embedserve.body_hold"  # the ASGI scope key of a request's BodyHold
+
+
+class RequestLimits:
+    """ASGI middleware: at most `limit` requests in the app at once, more get a 503 at once
+    (with Retry-After) instead of holding their bodies in memory while they wait; and each
+    request gets a `BodyHold` on the worker's body budget, given back when it ends."""
+
+    def __init__(self, app: ASGIApp, limit: int, max_inflight_bytes: int) -> None:
         self.app, self.limit, self.active = app, limit, 0
+        self.budget = BodyBudget(max_inflight_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -230,9 +270,11 @@ class ConcurrencyLimit:
             await response(scope, receive, send)
             return
         self.active += 1  # one event loop per worker: no lock needed
+        hold = scope[BODY_HOLD] = BodyHold(self.budget)
         try:
             await self.app(scope, receive, send)
         finally:
+            hold.release()
             self.active -= 1
 
 
@@ -250,7 +292,11 @@ def _client_name(position: int, filename: str | None) -> str:
 
 
 async def read_form(
-    request: Request, max_bytes: int, fields: tuple[str, ...], max_files: int = 10_000
+    request: Request,
+    max_bytes: int,
+    fields: tuple[str, ...],
+    max_files: int = 10_000,
+    hold: BodyHold | None = None,
 ) -> tuple[list[tuple[str | None, bytes]], dict[str, str]]:
     """The uploaded images (filename, bytes) and the text fields of a multipart request.
 
@@ -260,6 +306,8 @@ async def read_form(
     (400: missing, sent as text, or a misspelt field) and no field other than `fields`.
     More than `max_files` file parts stop the parser at once (413), and more text parts than
     the form has fields (400): a body of a million tiny parts costs no more than its bytes.
+    With `hold`, the body's bytes are taken from the worker's body budget first (503 when they
+    would pass it).
     """
     too_large = f"request body over the limit of {max_bytes} bytes (max_request_bytes)"
     declared = request.headers.get("content-length")
@@ -276,16 +324,21 @@ async def read_form(
             f"Content-Type {media_type or 'missing'}: send multipart/form-data with the images "
             "as files in the field 'images' (curl -F images=@photo.jpg)",
         )
+    if hold is not None and declared is not None:
+        hold.take(int(declared))  # before a byte is read
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
                 raise ClientError(413, too_large)
+            if hold is not None and declared is None:
+                hold.take(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:  # nobody reads the answer; nothing to log as an error
         raise ClientError(400, "the client disconnected before sending the whole body") from None
     body = b"".join(chunks)
+    chunks.clear()  # the joined body is the one copy kept
 
     async def stream():
         yield body
@@ -427,7 +480,8 @@ _ERRORS = {
     415: {"description": "an image format that is not decoded, or a body that is not multipart"},
     503: {
         "description": "overloaded: the batch queue exceeds max_latency_ms, or "
-        "max_concurrent_requests are running; retry"
+        "max_concurrent_requests are running, or the request bodies held would pass "
+        "max_inflight_bytes; retry (Retry-After)"
     },
 }
 
@@ -437,7 +491,11 @@ _ERRORS = {
 # `list[Path]` writes each upload to a temporary file and answers 357 single-file requests/s,
 # a route mounted in the same server 827; and BentoML's APIs are POST only, /info is a GET.
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-app.add_middleware(ConcurrencyLimit, limit=CONFIG.max_concurrent_requests)
+app.add_middleware(
+    RequestLimits,
+    limit=CONFIG.max_concurrent_requests,
+    max_inflight_bytes=CONFIG.max_inflight_bytes,
+)
 
 
 @bentoml.asgi_app(app, path="/")
@@ -570,7 +628,11 @@ class EmbedService:
         cfg = self.config
         # one file part over the limit is still counted exactly (a 413 that says how many)
         images, values = await read_form(
-            request, cfg.max_request_bytes, fields, max_files=cfg.max_images_per_request + 1
+            request,
+            cfg.max_request_bytes,
+            fields,
+            max_files=cfg.max_images_per_request + 1,
+            hold=request.scope.get(BODY_HOLD),
         )
         self._check_count(images)
         return images, values
@@ -803,6 +865,7 @@ class EmbedService:
             },
             "traffic": {
                 "max_concurrent_requests": cfg.max_concurrent_requests,
+                "max_inflight_bytes": cfg.max_inflight_bytes,
                 "request_timeout_s": cfg.request_timeout_s,
             },
             # whether a key is needed; the key itself is never shown

@@ -6,6 +6,7 @@ trainer (and, after export, inside the ONNX graph), so workers move 4x fewer byt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +31,14 @@ class ViewSpec:
     flip_p: float = 0.5
 
 
-def view_specs(method: str, small_images: bool) -> tuple[ViewSpec, ViewSpec]:
+def view_specs(
+    method: str, small_images: bool, crop_scale: tuple[float, float] | None = None
+) -> tuple[ViewSpec, ViewSpec]:
     """The two views of a method's paper.
 
     BYOL and Barlow Twins are asymmetric: blur p 1.0 / 0.1, solarize p 0.0 / 0.2. SimSiam:
     crop scale (0.2, 1), stronger saturation jitter, blur p 0.5 on both. On small (32x32)
-    images blur is off, as in the CIFAR recipes.
+    images blur is off, as in the CIFAR recipes. `crop_scale` replaces the crops' area range.
     """
     if method in ("byol", "barlow_twins"):
         v1 = ViewSpec(blur_p=1.0, solarize_p=0.0)
@@ -45,8 +48,11 @@ def view_specs(method: str, small_images: bool) -> tuple[ViewSpec, ViewSpec]:
     else:
         raise ValueError(f"unknown method {method!r}")
     if small_images:
-        v1 = ViewSpec(**{**v1.__dict__, "blur_p": 0.0})
-        v2_ = ViewSpec(**{**v2_.__dict__, "blur_p": 0.0})
+        v1 = dataclasses.replace(v1, blur_p=0.0)
+        v2_ = dataclasses.replace(v2_, blur_p=0.0)
+    if crop_scale is not None:
+        v1 = dataclasses.replace(v1, crop_scale=tuple(crop_scale))
+        v2_ = dataclasses.replace(v2_, crop_scale=tuple(crop_scale))
     return v1, v2_
 
 
@@ -71,8 +77,10 @@ def build_view(spec: ViewSpec, size: int) -> v2.Compose:
 class TwoViews:
     """Callable: image -> (view1, view2), each uint8 CHW of the training size."""
 
-    def __init__(self, method: str, size: int) -> None:
-        s1, s2 = view_specs(method, small_images=size <= 64)
+    def __init__(
+        self, method: str, size: int, crop_scale: tuple[float, float] | None = None
+    ) -> None:
+        s1, s2 = view_specs(method, small_images=size <= 64, crop_scale=crop_scale)
         self.view1, self.view2 = build_view(s1, size), build_view(s2, size)
         self.size = size
 

@@ -35,6 +35,9 @@ class TrainConfig:
     eval_resize: int | None = (
         None  # shorter side before the centre crop at evaluation (default image_size)
     )
+    crop_scale: tuple[float, float] | None = (
+        None  # RandomResizedCrop area range (default: the paper's)
+    )
     epochs: int = 100
     batch_size: int = 128  # global, over all ranks
     optimizer: str = "sgd"  # sgd | lars
@@ -88,6 +91,12 @@ class TrainConfig:
         if c.eval_resize is None:
             c.eval_resize = c.image_size
         c.knn_ks = tuple(c.knn_ks)
+        if c.crop_scale is not None:
+            c.crop_scale = tuple(c.crop_scale)
+            if len(c.crop_scale) != 2 or not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
+                raise ValueError(
+                    f"crop_scale must be MIN MAX with 0 < MIN <= MAX <= 1, not {c.crop_scale}"
+                )
         if c.proj_dims is not None:
             c.proj_dims = tuple(c.proj_dims)
         return c

@@ -27,6 +27,8 @@ HELP = {
     "as the official SimSiam and Barlow Twins code do",
     "image_size": "training crop size and evaluation input size, in pixels",
     "eval_resize": "shorter side before the centre crop at evaluation (default: --image-size)",
+    "crop_scale": "area range MIN MAX of the training crops (RandomResizedCrop; default: the "
+    "method's paper: 0.2 1 for simsiam, 0.08 1 for byol and barlow_twins)",
     "epochs": "number of epochs (the schedule spans all of them)",
     "batch_size": "global batch size, split over the ranks",
     "optimizer": "sgd (short-budget default) or lars (the papers' large-batch optimizer)",
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in ("knn_ks", "proj_dims"):
             kwargs.update(type=int, nargs="+")
+        elif f.name == "crop_scale":
+            kwargs.update(type=float, nargs=2, metavar=("MIN", "MAX"))
         elif f.type in ("int", "int | None") or isinstance(default, int):
             kwargs["type"] = int
         elif f.type in ("float", "float | None") or isinstance(default, float):

@@ -189,7 +189,9 @@ class Trainer:
             raise ValueError(
                 f"--batch-size {cfg.batch_size} must be a multiple of {self.dist.world_size} ranks, >= 2 each"
             )
-        self.dataset = TwoViewDataset(train, TwoViews(cfg.method, cfg.image_size), cfg.seed)
+        self.dataset = TwoViewDataset(
+            train, TwoViews(cfg.method, cfg.image_size, cfg.crop_scale), cfg.seed
+        )
         self.sampler = EpochSampler(
             len(train), per_rank_batch, cfg.seed, self.dist.rank, self.dist.world_size
         )

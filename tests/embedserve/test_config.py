@@ -35,6 +35,10 @@ def test_environment_wins_over_the_file_which_wins_over_defaults(tmp_path):
         ({"EMBEDSERVE_MAX_BATCH_SIZE": "1"}, "max_batch_size must be at least 2"),
         ({"EMBEDSERVE_THREADS": "0"}, "threads must be at least 1"),
         ({"EMBEDSERVE_CONFIG": "/no/such/file.toml"}, "does not exist"),
+        (
+            {"EMBEDSERVE_MAX_INFLIGHT_BYTES": "1000", "EMBEDSERVE_MAX_REQUEST_BYTES": "2000"},
+            r"max_inflight_bytes \(1000\) must be at least max_request_bytes \(2000\)",
+        ),
     ],
 )
 def test_a_bad_setting_is_refused_by_name(environ, words):

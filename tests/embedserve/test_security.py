@@ -32,6 +32,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_IMAGES = 8
 MAX_BYTES = 1024 * 1024
 MAX_CONCURRENT = 4
+MAX_INFLIGHT = MAX_BYTES * 3 // 2  # one full-size body and half another
 TIMEOUT_S = 5
 LOG_MAX_BYTES = 24_000  # about ten one-image records: the tests cross it, so the log compacts
 
@@ -60,6 +61,7 @@ def server(index_dir, tmp_path_factory):
         "EMBEDSERVE_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
         "EMBEDSERVE_MAX_REQUEST_BYTES": str(MAX_BYTES),
         "EMBEDSERVE_MAX_CONCURRENT_REQUESTS": str(MAX_CONCURRENT),
+        "EMBEDSERVE_MAX_INFLIGHT_BYTES": str(MAX_INFLIGHT),
         "EMBEDSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
         "EMBEDSERVE_INDEX_LOG_MAX_BYTES": str(LOG_MAX_BYTES),
     }
@@ -281,13 +283,13 @@ def test_huge_declared_dimensions_are_refused_before_decoding(server, width, hei
 # -- slow clients and floods --------------------------------------------------------------------
 
 
-def stalled_upload(server) -> socket.socket:
+def stalled_upload(server, declared: int = 100_000) -> socket.socket:
     """A client that sends the headers and half of its body, then nothing."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     sock.sendall(
         b"POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
         b"Content-Type: multipart/form-data; boundary=b0undary\r\n"
-        b"Content-Length: 100000\r\n\r\n" + b"--b0undary\r\n" + b"x" * 1000
+        b"Content-Length: " + str(declared).encode() + b"\r\n\r\n" + b"--b0undary\r\n" + b"x" * 1000
     )
     return sock
 
@@ -313,6 +315,67 @@ def test_requests_over_the_concurrency_limit_get_503_not_memory(server):
             break
         time.sleep(0.05)
     assert response.status_code == 200
+
+
+def _wait_for_status(server, images, status: int) -> httpx.Response:
+    for _ in range(100):  # the server sees a stalled upload or a disconnection a moment later
+        response = post(server, "/embed", images, headers=AUTH)
+        if response.status_code == status:
+            break
+        time.sleep(0.05)
+    return response
+
+
+def big_png(nbytes: int) -> bytes:
+    """A valid PNG of about `nbytes` (noise does not compress)."""
+    side = int((nbytes / 3) ** 0.5)
+    noise = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def test_bodies_over_the_workers_byte_budget_get_503_and_the_budget_comes_back(server):
+    large = [("large.png", big_png(MAX_BYTES // 2 + 50_000))]  # over what one stall leaves
+    assert post(server, "/embed", large, headers=AUTH).status_code == 200  # fits when alone
+    stalled = stalled_upload(server, declared=MAX_BYTES)  # holds a full-size body's share
+    try:
+        response = _wait_for_status(server, large, 503)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert "max_inflight_bytes" in response.json()["error"]
+        # a small body still fits: it is the bytes that are bounded, not the requests
+        assert post(server, "/embed", [("a.png", png(1))], headers=AUTH).status_code == 200
+    finally:
+        stalled.close()
+    assert _wait_for_status(server, large, 200).status_code == 200  # its share was given back
+
+
+def test_a_chunked_body_is_counted_against_the_budget_as_it_streams(server):
+    stalled = stalled_upload(server, declared=MAX_BYTES)
+    try:
+        time.sleep(0.5)  # the stalled upload has taken its share
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        try:
+            sock.sendall(
+                b"POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + KEY.encode()
+                + b"\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            chunk = b"x" * 100_000
+            for _ in range(7):  # 700 kB, no Content-Length: only the chunks can be counted
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            answer = b""
+            while b"}" not in answer and (data := sock.recv(4096)):
+                answer += data
+        finally:
+            sock.close()
+    finally:
+        stalled.close()
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"max_inflight_bytes" in answer
+    assert _wait_for_status(server, [("a.png", png(2))], 200).status_code == 200
 
 
 def test_a_client_that_stops_sending_gets_504_after_the_request_timeout(server):

@@ -47,3 +47,11 @@ def test_small_images_have_no_blur():
         assert all(s.blur_p == 0.0 for s in view_specs(method, small_images=True))
     names = [type(t).__name__ for t in TwoViews("byol", 32).view1.transforms]
     assert "GaussianBlur" not in str(names) and "RandomApply" in names
+
+
+def test_a_crop_scale_replaces_the_papers_on_both_views():
+    s1, s2 = view_specs("byol", small_images=False, crop_scale=(0.4, 1.0))
+    assert s1.crop_scale == s2.crop_scale == (0.4, 1.0)
+    assert (s1.blur_p, s2.solarize_p) == (1.0, 0.2)  # the rest of the recipe is kept
+    crop = TwoViews("simsiam", 48, crop_scale=(0.5, 0.9)).view2.transforms[1]
+    assert type(crop).__name__ == "RandomResizedCrop" and tuple(crop.scale) == (0.5, 0.9)

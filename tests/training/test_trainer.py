@@ -172,6 +172,9 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
         == 2
     )
     assert "not found" in capsys.readouterr().err
+    bad_crop = ["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--crop-scale", "0.9", "0.5"]
+    assert main(bad_crop) == 2
+    assert "crop_scale must be MIN MAX" in capsys.readouterr().err
 
 
 def test_cli_trains_and_records_its_command(image_folder, tmp_path):
@@ -197,8 +200,12 @@ def test_cli_trains_and_records_its_command(image_folder, tmp_path):
         "64",
         "--pred-hidden-dim",
         "16",
+        "--crop-scale",
+        "0.4",
+        "1",
     ]
     assert main(argv) == 0
     ck = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert tuple(ck["config"]["crop_scale"]) == (0.4, 1.0)
     assert ck["config"]["extra"]["command"] == "python -m training.train " + " ".join(argv)
     assert ck["epoch"] == 1 and ck["step"] == 6
