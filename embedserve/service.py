@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from embedserve import __version__
+from embedserve import __version__, bentoml_fixes
 from embedserve.batching import AdaptiveBatcher, Overloaded
 from embedserve.config import ServeConfig, load_config, unknown_variables
 from embedserve.package import (
@@ -60,6 +60,7 @@ from embedserve.preprocess import (
 
 # a child of "bentoml", whose handlers BentoML configures in every worker
 logger = logging.getLogger("bentoml.embedserve")
+bentoml_fixes.apply()  # BentoML's request timeout keeps a timer per request for its whole length
 
 # Read once, when BentoML imports the service: the decorator needs the worker count. Reading
 # the environment (and the optional TOML file) is all that happens at import time.
