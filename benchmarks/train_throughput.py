@@ -108,6 +108,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     data = args.data or str(_generated_folder(Path(tmp.name) / "data"))
     results = {
+        "command": " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]]),
         "machine": {
             "cpu_count": torch.get_num_threads(),
             "platform": platform.platform(),
