@@ -1,14 +1,19 @@
 """Training throughput: the project's loop against a plain loop of the same model, in one run.
 
-For each method x backbone x image size, the same `Trainer.train_step` runs twice:
-  - project: channels_last + bf16 autocast (the defaults),
-  - plain:   fp32, contiguous memory (what a first implementation would do),
-on synthetic uint8 batches (model compute only), each timed as the median of several repeats
-after warm-up. It then measures whether data loading keeps up: the two-view augmentation
-pipeline alone (pairs/s by worker count) and the real loader feeding the real step.
+For each method x backbone x image size, the same `Trainer.train_step` runs as
+  - plain:   fp32, contiguous memory, the C library's allocator (what a first implementation
+             would do),
+  - project: the training defaults (bf16 autocast, channels_last, the retained CPU allocator),
+and with --ablation also each optimization alone (fp32 + retained allocator; bf16 +
+channels_last with the system allocator). Every measurement runs in a fresh process (the
+allocator setting is process-wide), on synthetic uint8 batches (model compute only), and the
+configurations take turns, repeat after repeat, so that the shared machine's drift falls on all
+of them alike; each figure is the median over the repeats. It then measures whether data loading
+keeps up: the two-view augmentation pipeline alone (pairs/s by worker count) and the real
+loader feeding the real step.
 
     python benchmarks/train_throughput.py                      # full grid -> benchmarks/results/train_throughput.json
-    python benchmarks/train_throughput.py --methods simsiam --sizes 128 --repeats 3
+    python benchmarks/train_throughput.py --methods simsiam --sizes 128 --repeats 3 --ablation
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,23 +48,84 @@ def _generated_folder(root: Path) -> Path:
     return root
 
 
-def step_rate(
-    trainer: Trainer, batch: int, size: int, warmup: int, steps: int, repeats: int
-) -> tuple[float, list[float]]:
-    """Median images/s (an image = one two-view pair) of `trainer.train_step` on random uint8 batches."""
+# The configurations compared: TrainConfig overrides of the training defaults.
+CONFIGS = {
+    "plain": {"precision": "fp32", "channels_last": False, "cpu_allocator": "system"},
+    "project": {},
+}
+ABLATION = {
+    "fp32+allocator": {"precision": "fp32", "channels_last": False},
+    "bf16+channels_last": {"cpu_allocator": "system"},
+}
+
+
+def step_rate(trainer: Trainer, batch: int, size: int, warmup: int, steps: int) -> float:
+    """Images/s (an image = one two-view pair) of `trainer.train_step` on random uint8 batches."""
     g = torch.Generator().manual_seed(0)
     x1 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
     x2 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
     trainer.model.train()
     for _ in range(warmup):
         trainer.train_step(x1, x2)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step(x1, x2)
-        rates.append(batch * steps / (time.perf_counter() - t0))
-    return statistics.median(rates), [round(r, 1) for r in rates]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(x1, x2)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def make_trainer(
+    method: str,
+    backbone: str,
+    size: int,
+    batch_size: int,
+    data: str,
+    out: str,
+    overrides: dict,
+    in_memory: bool = False,
+) -> Trainer:
+    cfg = TrainConfig(
+        method=method,
+        backbone=backbone,
+        data=data,
+        image_size=size,
+        cifar_stem=size <= 64,
+        batch_size=batch_size,
+        epochs=1,
+        workers=0,
+        progress=False,
+        eval_every=0,
+        in_memory=in_memory,
+        out=out,
+        **overrides,
+    )
+    return Trainer(cfg)
+
+
+def measure_in_child(job: dict) -> float:
+    """One measurement in a fresh Python process (`--measure JOB`); returns its images/s."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure", json.dumps(job)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"measurement {job} failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure(job: dict) -> None:
+    """The child's side: build the trainer, time its step, print images/s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(
+            job["method"],
+            job["backbone"],
+            job["size"],
+            job["batch_size"],
+            job["data"],
+            str(Path(tmp) / "run"),
+            job["overrides"],
+        )
+        print(step_rate(trainer, job["batch_size"], job["size"], job["warmup"], job["steps"]))
 
 
 def loader_rate(trainer: Trainer, workers: int, batches: int) -> float:
@@ -93,20 +160,30 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["barlow_twins", "byol", "simsiam"])
     p.add_argument("--backbones", nargs="+", default=["resnet18"])
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 128], help="32 uses the CIFAR stem")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128, help="the training default")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps in each process")
+    p.add_argument("--steps", type=int, default=3, help="timed steps in each process")
+    p.add_argument("--repeats", type=int, default=3, help="processes per configuration")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also measure each optimization alone: " + ", ".join(ABLATION),
+    )
     p.add_argument(
         "--data",
         default=str(IMAGENETTE) if IMAGENETTE.is_dir() else None,
         help="image folder for the data-loading measurements (default: Imagenette if present, else generated)",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in a child
     args = p.parse_args()
+    if args.measure:
+        measure(json.loads(args.measure))
+        return
 
     tmp = tempfile.TemporaryDirectory()
     data = args.data or str(_generated_folder(Path(tmp.name) / "data"))
+    configs = {**CONFIGS, **(ABLATION if args.ablation else {})}
     results = {
         "command": " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]]),
         "machine": {
@@ -119,52 +196,53 @@ def main() -> None:
         "batch_size": args.batch_size,
         "data": data,
         "unit": "images/s, one image = one pair of views (two forward and backward passes)",
+        "configs": configs,
+        "protocol": f"each figure: median over {args.repeats} fresh processes, each {args.warmup} "
+        f"untimed then {args.steps} timed steps; configurations interleaved",
         "model_only": [],
         "data_loading": [],
     }
-
-    def trainer_for(
-        method: str, backbone: str, size: int, fast: bool, in_memory: bool = False
-    ) -> Trainer:
-        cfg = TrainConfig(
-            method=method,
-            backbone=backbone,
-            data=data,
-            image_size=size,
-            cifar_stem=size <= 64,
-            batch_size=args.batch_size,
-            epochs=1,
-            workers=0,
-            progress=False,
-            eval_every=0,
-            in_memory=in_memory,
-            out=str(Path(tmp.name) / "run"),
-            precision="auto" if fast else "fp32",
-            channels_last=fast,
-        )
-        return Trainer(cfg)
 
     for backbone in args.backbones:
         for size in args.sizes:
             for method in args.methods:
                 row = {"method": method, "backbone": backbone, "image_size": size}
-                for name, fast in (("plain", False), ("project", True)):
-                    rate, runs = step_rate(
-                        trainer_for(method, backbone, size, fast),
-                        args.batch_size,
-                        size,
-                        args.warmup,
-                        args.steps,
-                        args.repeats,
-                    )
-                    row[f"{name}_img_s"], row[f"{name}_runs"] = round(rate, 1), runs
-                row["ratio"] = round(row["project_img_s"] / row["plain_img_s"], 2)
+                runs: dict[str, list[float]] = {name: [] for name in configs}
+                for _ in range(args.repeats):
+                    for name, overrides in configs.items():
+                        job = {
+                            "method": method,
+                            "backbone": backbone,
+                            "size": size,
+                            "batch_size": args.batch_size,
+                            "data": data,
+                            "overrides": overrides,
+                            "warmup": args.warmup,
+                            "steps": args.steps,
+                        }
+                        runs[name].append(round(measure_in_child(job), 1))
+                for name, rates in runs.items():
+                    row[f"{name}_img_s"] = round(statistics.median(rates), 1)
+                    row[f"{name}_runs"] = rates
+                for name in configs:
+                    if name != "plain":
+                        row[f"{name}_ratio"] = round(row[f"{name}_img_s"] / row["plain_img_s"], 2)
+                row["ratio"] = row.pop("project_ratio")
                 print(json.dumps(row), flush=True)
                 results["model_only"].append(row)
 
     # Does data loading keep up? Pipeline alone, then the real loader feeding the real step.
     size = max(args.sizes)
-    trainer = trainer_for(args.methods[-1], args.backbones[0], size, fast=True, in_memory=True)
+    trainer = make_trainer(
+        args.methods[-1],
+        args.backbones[0],
+        size,
+        args.batch_size,
+        data,
+        str(Path(tmp.name) / "run"),
+        {},
+        in_memory=True,
+    )
     model_rate = next(
         r["project_img_s"]
         for r in results["model_only"]

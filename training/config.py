@@ -56,6 +56,7 @@ class TrainConfig:
     )
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda
+    cpu_allocator: str = "retain"  # retain | system (see training/allocator.py)
     threads: int | None = None  # intra-op threads of the training process (default: all cores)
     workers: int | None = None  # data-loading processes per rank (default: see default_workers)
     eval_every: int = 1  # epochs between kNN evaluations (0: never)
@@ -91,6 +92,8 @@ class TrainConfig:
         if c.eval_resize is None:
             c.eval_resize = c.image_size
         c.knn_ks = tuple(c.knn_ks)
+        if c.cpu_allocator not in ("retain", "system"):
+            raise ValueError(f"cpu_allocator must be retain or system, not {c.cpu_allocator!r}")
         if c.crop_scale is not None:
             c.crop_scale = tuple(c.crop_scale)
             if len(c.crop_scale) != 2 or not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:

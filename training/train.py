@@ -45,6 +45,9 @@ HELP = {
     "precision": "autocast: auto (bf16; fp16 on CUDA without bf16), bf16, fp16 or fp32",
     "channels_last": "NHWC memory format for the convolutions",
     "device": "auto (CUDA when available), cpu or cuda",
+    "cpu_allocator": "on the CPU, retain: glibc keeps freed memory for reuse instead of mapping and "
+    "page-faulting large activations anew every step (faster steps; the process keeps its peak "
+    "memory); system: the C library's defaults",
     "workers": "data-loading worker processes per rank (0: augment in the training process; "
     "default: 0 on a CPU with <= 5 cores, where workers slow the step down, else (cores-2)//4; min(8, cores) on CUDA)",
     "threads": "intra-op threads of the training process (default on the CPU: cores minus workers)",
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = ("auto", "bf16", "fp16", "fp32")
         elif f.name == "device":
             kwargs["choices"] = ("auto", "cpu", "cuda")
+        elif f.name == "cpu_allocator":
+            kwargs["choices"] = ("retain", "system")
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in ("knn_ks", "proj_dims"):

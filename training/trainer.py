@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from embedserve.preprocess import Preprocess
 from training import checkpoint
+from training.allocator import retain_freed_memory
 from training.augment import TwoViews
 from training.backbones import create_backbone
 from training.config import TrainConfig
@@ -165,6 +166,9 @@ class Trainer:
             cfg.threads = max(1, cores - cfg.workers)  # workers and step threads share the cores
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.retained_allocator = (
+            self.device.type == "cpu" and cfg.cpu_allocator == "retain" and retain_freed_memory()
+        )
         self.dist: DistInfo = init_from_env(self.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -382,6 +386,7 @@ class Trainer:
                 config=asdict(cfg),
                 resumed_at_step=self.step,
                 device=str(self.device),
+                retained_allocator=self.retained_allocator,
                 world_size=self.dist.world_size,
                 train_images=len(self.train_samples),
                 held_out_images=len(self.held_samples),
