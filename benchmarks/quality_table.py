@@ -1,0 +1,164 @@
+"""The quality table: our training runs beside the published results, from the runs' metrics logs.
+
+Reads the runs listed in `benchmarks/quality_runs.json` (each a metrics log written by
+`python -m training.train`, copied into `benchmarks/results/`), and writes
+  - benchmarks/results/quality.json and quality.md: method x dataset x epochs, our kNN top-1
+    next to the published figure at its own epochs, the random initialisation of the same
+    network (the run's `--eval-at-start` evaluation), training time and hardware;
+  - benchmarks/results/knn-<run>.png: kNN top-1 against epoch for each run.
+
+    python benchmarks/quality_table.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Published ResNet-18 figures, from ../shared/guide/REFERENCE.md ("Published results").
+PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
+    ("barlow_twins", "imagenette-160"): {"knn": 0.852, "epochs": 800, "k": 20},
+    ("byol", "imagenette-160"): {"knn": 0.887, "epochs": 800, "k": 20},
+    ("simsiam", "imagenette-160"): {"knn": 0.872, "epochs": 800, "k": 20},
+    ("barlow_twins", "cifar10"): {"knn": 0.842, "epochs": 200, "k": 200, "linear": 0.9210},
+    ("byol", "cifar10"): {"knn": 0.869, "epochs": 200, "k": 200, "linear": 0.9258},
+    ("simsiam", "cifar10"): {"knn": 0.819, "epochs": 200, "k": 200, "linear": 0.9051},
+}
+PUBLISHED_SOURCE = {
+    "imagenette-160": "lightly benchmarks: 128 px, batch 256, 800 epochs, kNN k=20 on val "
+    "(T=0.1), best epoch, one A6000 GPU",
+    "cifar10": "lightly benchmarks: 200 epochs, batch 128, kNN k=200 (T=0.1), one A6000; "
+    "linear probe: solo-learn, 1000 epochs",
+}
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(run: dict[str, Any], k: int) -> dict[str, Any]:
+    """One table row from a run's metrics log."""
+    records = read_log(ROOT / run["metrics"])
+    start = next(r for r in records if r["kind"] == "start")
+    cfg = start["config"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    key = f"knn_top1_k{k}"
+    init = next((r[key] for r in evals if r.get("tag") == "init"), None)
+    trained = [(r["epoch"], r[key]) for r in evals if r.get("tag") != "init"]
+    if not trained:
+        raise ValueError(f"{run['metrics']}: no evaluation after an epoch")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    final_epoch, final = trained[-1]
+    best_epoch, best = max(trained, key=lambda e: e[1])
+    published = PUBLISHED.get((cfg["method"], run["dataset"]), {})
+    return {
+        "name": run["name"],
+        "method": cfg["method"],
+        "dataset": run["dataset"],
+        "epochs": final_epoch,
+        "knn_k": k,
+        "knn_temperature": cfg["knn_temperature"],
+        "knn_final": final,
+        "knn_best": best,
+        "knn_best_epoch": best_epoch,
+        "random_init": init,
+        "linear": run.get("linear"),
+        "published_knn": published.get("knn"),
+        "published_epochs": published.get("epochs"),
+        "published_linear": published.get("linear"),
+        "train_minutes": round(sum(e["seconds"] for e in epochs) / 60, 1),
+        "hardware": run["hardware"],
+        "command": cfg.get("extra", {}).get("command"),
+        "curve": [{"epoch": 0, "knn": init}] * (init is not None)
+        + [{"epoch": e, "knn": v} for e, v in trained],
+    }
+
+
+def plot(row: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    xs = [p["epoch"] for p in row["curve"]]
+    ys = [p["knn"] for p in row["curve"]]
+    ax.plot(xs, ys, marker="o", label=f"{row['method']} (ours)")
+    if row["random_init"] is not None:
+        ax.axhline(row["random_init"], color="grey", ls=":", label="random init")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"kNN top-1 (k={row['knn_k']}, T={row['knn_temperature']})")
+    ax.set_title(f"{row['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out / f"knn-{row['name']}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Embedding quality: our runs beside the published results",
+        "",
+        "Written by `python benchmarks/quality_table.py` from the runs' metrics logs "
+        "(`benchmarks/quality_runs.json`). kNN top-1 in %: weighted kNN on backbone features, "
+        "cosine, T=0.07, gallery = train, queries = val (Imagenette) or test (CIFAR-10). "
+        "'final' is after the last epoch; 'best' is the best evaluated epoch (the published "
+        "figures are best epochs). Random init: the same network before training.",
+        "",
+        "| run | method | dataset | epochs | kNN final | kNN best (epoch) | random init | "
+        "published kNN (epochs) | linear | published linear | training | hardware |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        published = (
+            f"{pct(r['published_knn'])} ({r['published_epochs']})" if r["published_knn"] else "-"
+        )
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['dataset']} | {r['epochs']} | "
+            f"{pct(r['knn_final'])} | {pct(r['knn_best'])} ({r['knn_best_epoch']}) | "
+            f"{pct(r['random_init'])} | {published} | {pct(r['linear'])} | "
+            f"{pct(r['published_linear'])} | {r['train_minutes']} min | {r['hardware']} |"
+        )
+    lines += ["", "Published sources:"]
+    lines += [f"- {d}: {s}" for d, s in PUBLISHED_SOURCE.items()]
+    lines += ["", "Commands:"]
+    lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--runs", default=str(ROOT / "benchmarks" / "quality_runs.json"))
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(Path(args.runs).read_text())
+    rows = [summarize(run, run.get("knn_k", 20)) for run in runs]
+    if not args.no_plots:
+        for row in rows:
+            row["plot"] = str(plot(row, out).relative_to(out))
+    (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "quality.md").write_text(markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The quality table (benchmarks/quality_table.py) reads what the trainer writes: a metrics log
+made by a real short run gives the row and the plot, and the shipped manifest's logs parse."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality_table  # noqa: E402
+
+
+def write_log(path: Path, init: float, per_epoch: list[float], seconds: float) -> None:
+    records = [
+        {
+            "kind": "start",
+            "config": {
+                "method": "byol",
+                "knn_temperature": 0.07,
+                "extra": {"command": "python -m training.train --method byol"},
+            },
+        },
+        {"kind": "eval", "epoch": 0, "tag": "init", "knn_top1_k20": init},
+    ]
+    for epoch, acc in enumerate(per_epoch, start=1):
+        records.append({"kind": "eval", "epoch": epoch, "tag": "epoch", "knn_top1_k20": acc})
+        records.append({"kind": "epoch", "epoch": epoch, "seconds": seconds})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_a_row_reports_final_best_init_time_and_the_published_figure(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    write_log(tmp_path / "run.jsonl", init=0.30, per_epoch=[0.35, 0.42, 0.41], seconds=90)
+    run = {"name": "r", "dataset": "imagenette-160", "metrics": "run.jsonl", "hardware": "cpu"}
+    row = quality_table.summarize(run, k=20)
+    assert (row["epochs"], row["knn_final"], row["knn_best"], row["knn_best_epoch"]) == (
+        3,
+        0.41,
+        0.42,
+        2,
+    )
+    assert row["random_init"] == 0.30 and row["train_minutes"] == 4.5
+    assert row["published_knn"] == 0.887 and row["published_epochs"] == 800
+    assert [p["epoch"] for p in row["curve"]] == [0, 1, 2, 3]
+    md = quality_table.markdown([row])
+    assert "| r | byol | imagenette-160 | 3 | 41.0 | 42.0 (2) | 30.0 | 88.7 (800) |" in md
+    assert quality_table.plot(row, tmp_path).stat().st_size > 1000  # a PNG was drawn
+
+
+def test_a_log_without_a_trained_evaluation_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    write_log(tmp_path / "run.jsonl", init=0.30, per_epoch=[], seconds=90)
+    run = {"name": "r", "dataset": "cifar10", "metrics": "run.jsonl", "hardware": "cpu"}
+    with pytest.raises(ValueError, match="no evaluation after an epoch"):
+        quality_table.summarize(run, k=20)
+
+
+def test_the_shipped_manifest_builds_the_table(tmp_path):
+    assert quality_table.main(["--out", str(tmp_path), "--no-plots"]) == 0
+    rows = json.loads((tmp_path / "quality.json").read_text())
+    manifest = json.loads((ROOT / "benchmarks" / "quality_runs.json").read_text())
+    assert [r["name"] for r in rows] == [m["name"] for m in manifest]
+    assert all(r["knn_final"] > r["random_init"] for r in rows)
