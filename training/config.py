@@ -26,6 +26,7 @@ class TrainConfig:
     download: bool = False  # let torchvision download CIFAR-10 (needs the internet)
     in_memory: bool = False  # decode the dataset once into RAM (small datasets)
     holdout_fraction: float = 0.1  # held out for monitoring when DIR has no val/ or test/
+    holdout_from_train: bool = False  # monitor on a holdout of train even when DIR has val/
     backbone: str = "resnet18"
     cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (32x32 images)
     zero_init_residual: bool = (

@@ -124,17 +124,29 @@ def load_splits(
     seed: int = 0,
     data_root: str = "data",
     download: bool = False,
+    holdout_from_train: bool = False,
 ) -> tuple[Samples, Samples]:
-    """(train, held-out) samples for `--data`."""
+    """(train, held-out) samples for `--data`.
+
+    The held-out split is the dataset's val/ or test/ when it has one; otherwise, or with
+    `holdout_from_train` (tuning, which must never see the split reported), a stratified
+    `holdout_fraction` of the training split.
+    """
     if data == "torchvision:cifar10":
-        return _torchvision_cifar10(data_root, download)
-    root = Path(data)
-    for held_name in ("val", "test"):
-        if (root / "train").is_dir() and (root / held_name).is_dir():
-            return scan_folder(root / "train"), scan_folder(root / held_name)
-    samples = scan_folder(root)
-    train_idx, held_idx = stratified_split(samples.labels, holdout_fraction, seed)
-    return samples.subset(train_idx), samples.subset(held_idx)
+        train, held = _torchvision_cifar10(data_root, download)
+    else:
+        root = Path(data)
+        train = held = None
+        for held_name in ("val", "test"):
+            if (root / "train").is_dir() and (root / held_name).is_dir():
+                train, held = scan_folder(root / "train"), scan_folder(root / held_name)
+                break
+        if train is None:
+            train = scan_folder(root)
+    if held is not None and not holdout_from_train:
+        return train, held
+    train_idx, held_idx = stratified_split(train.labels, holdout_fraction, seed)
+    return train.subset(train_idx), train.subset(held_idx)
 
 
 def _load(item) -> np.ndarray | Image.Image:

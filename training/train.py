@@ -21,6 +21,8 @@ HELP = {
     "download": "let torchvision download CIFAR-10 into --data-root (needs the internet)",
     "in_memory": "decode every image once into memory (small datasets: ~0.7 GB for Imagenette-160)",
     "holdout_fraction": "fraction of each class held out for monitoring when DIR has no val/ or test/",
+    "holdout_from_train": "monitor on --holdout-fraction of train/ even when DIR has val/ or test/, "
+    "which then stays unseen: tune on this, report on val/test",
     "backbone": "torchvision model name (resnet18, resnet50, ...), classifier removed",
     "cifar_stem": "ResNet stem for 32x32 images: 3x3 stride-1 first conv and no max-pool",
     "zero_init_residual": "start each ResNet residual branch's last BatchNorm at zero (blocks begin as the identity), "

@@ -181,7 +181,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)  # noqa: NPY002 (seed the global RNG that libraries may use)
         train, held = load_splits(
-            cfg.data, cfg.holdout_fraction, cfg.seed, cfg.data_root, cfg.download
+            cfg.data,
+            cfg.holdout_fraction,
+            cfg.seed,
+            cfg.data_root,
+            cfg.download,
+            cfg.holdout_from_train,
         )
         if cfg.in_memory:
             train = load_into_memory(train, desc="decoding train", progress=cfg.progress)

@@ -38,6 +38,16 @@ def test_train_and_val_folders_are_the_splits(image_folder):
     assert len(train) == 96 and len(held) == 32
 
 
+def test_holdout_from_train_never_touches_val(image_folder):
+    train, held = load_splits(
+        str(image_folder), holdout_fraction=0.25, seed=0, holdout_from_train=True
+    )
+    val = set(scan_folder(image_folder / "val").items)
+    assert len(train) == 72 and len(held) == 24
+    assert not (set(train.items) | set(held.items)) & val
+    assert not set(train.items) & set(held.items)
+
+
 def test_a_flat_folder_gets_a_stratified_disjoint_holdout(image_folder):
     train, held = load_splits(str(image_folder / "train"), holdout_fraction=0.25, seed=0)
     assert np.bincount(held.labels).tolist() == [6] * 4
