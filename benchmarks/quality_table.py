@@ -105,7 +105,7 @@ def plot(row: dict[str, Any], out: Path) -> Path:
 
 
 def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+    return "-" if v is None else f"{100 * v:.2f}"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

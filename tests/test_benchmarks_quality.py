@@ -48,7 +48,7 @@ def test_a_row_reports_final_best_init_time_and_the_published_figure(tmp_path, m
     assert row["published_knn"] == 0.887 and row["published_epochs"] == 800
     assert [p["epoch"] for p in row["curve"]] == [0, 1, 2, 3]
     md = quality_table.markdown([row])
-    assert "| r | byol | imagenette-160 | 3 | 41.0 | 42.0 (2) | 30.0 | 88.7 (800) |" in md
+    assert "| r | byol | imagenette-160 | 3 | 41.00 | 42.00 (2) | 30.00 | 88.70 (800) |" in md
     assert quality_table.plot(row, tmp_path).stat().st_size > 1000  # a PNG was drawn
 
 

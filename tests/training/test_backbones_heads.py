@@ -61,7 +61,7 @@ def test_heads_follow_the_papers():
 def test_zero_init_residual_starts_every_block_as_the_identity():
     model, _ = create_backbone("resnet18", zero_init_residual=True)
     assert all(
-        float(block.bn2.weight.abs().sum()) == 0
+        float(block.bn2.weight.detach().abs().sum()) == 0
         for layer in (model.layer1, model.layer4)
         for block in layer
     )
