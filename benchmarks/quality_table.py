@@ -75,8 +75,9 @@ def summarize(run: dict[str, Any], k: int) -> dict[str, Any]:
         "train_minutes": round(sum(e["seconds"] for e in epochs) / 60, 1),
         "hardware": run["hardware"],
         "command": cfg.get("extra", {}).get("command"),
-        "curve": [{"epoch": 0, "knn": init}] * (init is not None)
-        + [{"epoch": e, "knn": v} for e, v in trained],
+        "curve": [
+            {"epoch": e, "knn": v} for e, v in ([(0, init)] if init is not None else []) + trained
+        ],
     }
 
 

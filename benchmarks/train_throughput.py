@@ -226,8 +226,8 @@ def main() -> None:
                     row[f"{name}_runs"] = rates
                 for name in configs:
                     if name != "plain":
-                        row[f"{name}_ratio"] = round(row[f"{name}_img_s"] / row["plain_img_s"], 2)
-                row["ratio"] = row.pop("project_ratio")
+                        key = "ratio" if name == "project" else f"{name}_ratio"
+                        row[key] = round(row[f"{name}_img_s"] / row["plain_img_s"], 2)
                 print(json.dumps(row), flush=True)
                 results["model_only"].append(row)
 

@@ -27,23 +27,15 @@ M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 M_MMAP_MAX = -4
 KEEP_BELOW = 2**31 - 1  # mallopt takes a C int: trim only a freed top above 2 GiB
 
-_applied = False
-
 
 def retain_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse; True when applied (now or before).
+    """Make glibc keep freed memory for reuse; True when applied (calling again is harmless).
 
     A no-op returning False outside Linux with glibc (musl, macOS, Windows), where the
     setting does not exist.
     """
-    global _applied
-    if _applied:
-        return True
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # mallopt returns 1 on success, 0 on error
-    _applied = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, KEEP_BELOW)
-    )
-    return _applied
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BELOW))

@@ -75,7 +75,6 @@ def test_trainer_applies_the_setting_only_on_request(image_folder, tmp_path, mon
 def test_retain_is_a_no_op_without_glibc(monkeypatch):
     from training import allocator
 
-    monkeypatch.setattr(allocator, "_applied", False)
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("musl", "1.2"))
     monkeypatch.setattr(ctypes, "CDLL", lambda *a: pytest.fail("libc must not be touched"))
     assert allocator.retain_freed_memory() is False
