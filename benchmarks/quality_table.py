@@ -42,6 +42,16 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def linear_top1(run: dict[str, Any], key: str) -> float | None:
+    """The linear probe's top-1 from an `embedserve eval --linear` report named in the manifest."""
+    if key not in run:
+        return None
+    report = json.loads((ROOT / run[key]).read_text())
+    if "linear" not in report:
+        raise ValueError(f"{run[key]}: no linear probe (run embedserve eval with --linear)")
+    return report["linear"]["top1"]
+
+
 def summarize(run: dict[str, Any], k: int) -> dict[str, Any]:
     """One table row from a run's metrics log."""
     records = read_log(ROOT / run["metrics"])
@@ -68,7 +78,8 @@ def summarize(run: dict[str, Any], k: int) -> dict[str, Any]:
         "knn_best": best,
         "knn_best_epoch": best_epoch,
         "random_init": init,
-        "linear": run.get("linear"),
+        "linear": linear_top1(run, "linear_eval"),
+        "random_init_linear": linear_top1(run, "random_init_linear_eval"),
         "published_knn": published.get("knn"),
         "published_epochs": published.get("epochs"),
         "published_linear": published.get("linear"),
@@ -109,6 +120,12 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def linear_cell(row: dict[str, Any]) -> str:
+    if row["random_init_linear"] is None:
+        return pct(row["linear"])
+    return f"{pct(row['linear'])} (random init {pct(row['random_init_linear'])})"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Embedding quality: our runs beside the published results",
@@ -117,7 +134,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "(`benchmarks/quality_runs.json`). kNN top-1 in %: weighted kNN on backbone features, "
         "cosine, T=0.07, gallery = train, queries = val (Imagenette) or test (CIFAR-10). "
         "'final' is after the last epoch; 'best' is the best evaluated epoch (the published "
-        "figures are best epochs). Random init: the same network before training.",
+        "figures are best epochs). Random init: the same network before training. Linear: "
+        "`embedserve eval --linear` on the exported package (logistic regression on frozen "
+        "centre-crop embeddings of train, top-1 on test).",
         "",
         "| run | method | dataset | epochs | kNN final | kNN best (epoch) | random init | "
         "published kNN (epochs) | linear | published linear | training | hardware |",
@@ -130,7 +149,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['name']} | {r['method']} | {r['dataset']} | {r['epochs']} | "
             f"{pct(r['knn_final'])} | {pct(r['knn_best'])} ({r['knn_best_epoch']}) | "
-            f"{pct(r['random_init'])} | {published} | {pct(r['linear'])} | "
+            f"{pct(r['random_init'])} | {published} | {linear_cell(r)} | "
             f"{pct(r['published_linear'])} | {r['train_minutes']} min | {r['hardware']} |"
         )
     lines += ["", "Published sources:"]

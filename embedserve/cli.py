@@ -205,6 +205,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
         embed_image_set,
         evaluate_embeddings,
         format_report,
+        linear_probe,
     )
     from embedserve.plots import plot_recall_qps
 
@@ -279,6 +280,10 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
             repeats=args.repeats,
         )
     )
+    if args.linear:
+        report["linear"] = linear_probe(
+            vectors["gallery"], gallery_labels, vectors["queries"], query_labels
+        )
     report["title"] = (
         f"{package.name} ({encoder.variant}): {len(gallery_ok)} gallery, {len(query_ok)} queries"
     )
@@ -408,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the embeddings (.npy); a later run with the same model and files reuses them",
     )
     ev.add_argument("--no-ann", action="store_true", help="skip the approximate-index sweep")
+    ev.add_argument(
+        "--linear",
+        action="store_true",
+        help="also train a linear probe (logistic regression) on the gallery's embeddings and "
+        "report its top-1 on the queries",
+    )
     ev.add_argument("--repeats", type=int, default=3, help="timing repeats (median) (3)")
     ev.add_argument("--grid-rows", type=int, default=10, help="queries in the retrieval grid (10)")
     ev.add_argument("--json", action="store_true", help="print the JSON report, not the table")

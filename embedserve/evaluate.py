@@ -5,6 +5,7 @@ search, in one run (`embedserve eval` is the command line).
     report["knn"]          # weighted kNN top-1 at k=20/200, T=0.07/0.1 (both published protocols)
     report["retrieval"]    # recall@1/5/10 (a same-label item in the top k), mAP@R
     report["ann"]          # per approximate index and setting: recall@10 vs exact, QPS, build time
+    linear_probe(gallery, gallery_labels, queries, query_labels)  # `embedserve eval --linear`
 
 All similarities are cosine: the embeddings are L2-normalized (again, here, in case a quantized
 model's rows drift from norm 1).
@@ -34,6 +35,7 @@ KNN_KS = (20, 200)
 KNN_TEMPERATURES = (0.07, 0.1)
 RECALL_KS = (1, 5, 10)
 ANN_K = 10
+LINEAR_C = 1.0  # the probe's inverse L2 strength: fixed, never tuned on the reported split
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,51 @@ def evaluate_embeddings(
     return report
 
 
+def linear_probe(
+    train: np.ndarray,
+    train_labels: np.ndarray,
+    test: np.ndarray,
+    test_labels: np.ndarray,
+    c: float = LINEAR_C,
+    max_iter: int = 1000,
+) -> dict[str, Any]:
+    """Top-1 of a linear classifier trained on frozen embeddings: the linear-probe protocol.
+
+    Multinomial logistic regression (scikit-learn, L-BFGS) on the standardized embeddings of the
+    training images (centre crops, no augmentation), L2 penalty with inverse strength `c`, scored
+    on the test embeddings. The papers train their probes for 100+ epochs on augmented crops, so
+    this is a cheaper, deterministic estimate of the same quantity.
+    """
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError as e:
+        raise ImportError(
+            "the linear probe needs scikit-learn: pip install 'embedserve[eval]'"
+        ) from e
+
+    if len(np.unique(train_labels)) < 2:
+        raise ValueError("a linear probe needs training images of at least two classes")
+    start = time.perf_counter()
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+    probe.fit(train, train_labels)
+    seconds = time.perf_counter() - start
+    classifier = probe[-1]
+    return {
+        "top1": float((probe.predict(test) == test_labels).mean()),
+        "train_top1": float((probe.predict(train) == train_labels).mean()),
+        "classifier": "multinomial logistic regression on standardized frozen embeddings "
+        "(scikit-learn, L-BFGS, L2)",
+        "C": c,
+        "iterations": int(np.max(classifier.n_iter_)),
+        "converged": bool(np.max(classifier.n_iter_) < max_iter),
+        "train_images": int(len(train)),
+        "test_images": int(len(test)),
+        "seconds": round(seconds, 2),
+    }
+
+
 # -- embedding folders, with a cache --------------------------------------------------------
 
 
@@ -239,6 +286,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
     for name, value in report["retrieval"].items():
         lines.append(f"| {name} | {value:.4f} |")
+    if "linear" in report:
+        lines.append(f"| linear probe top-1 | {report['linear']['top1']:.4f} |")
     if "ann" in report:
         exact = report["exact"]
         lines += [

@@ -52,6 +52,31 @@ def test_a_row_reports_final_best_init_time_and_the_published_figure(tmp_path, m
     assert quality_table.plot(row, tmp_path).stat().st_size > 1000  # a PNG was drawn
 
 
+def test_the_linear_probe_comes_from_the_eval_reports_the_run_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    write_log(tmp_path / "run.jsonl", init=0.30, per_epoch=[0.35], seconds=60)
+    (tmp_path / "trained.json").write_text(json.dumps({"linear": {"top1": 0.6123}}))
+    (tmp_path / "init.json").write_text(json.dumps({"linear": {"top1": 0.3456}}))
+    run = {
+        "name": "c",
+        "dataset": "cifar10",
+        "metrics": "run.jsonl",
+        "hardware": "cpu",
+        "linear_eval": "trained.json",
+        "random_init_linear_eval": "init.json",
+    }
+    row = quality_table.summarize(run, k=20)
+    assert (row["linear"], row["random_init_linear"], row["published_linear"]) == (
+        0.6123,
+        0.3456,
+        0.9258,
+    )
+    assert "| 61.23 (random init 34.56) | 92.58 |" in quality_table.markdown([row])
+    (tmp_path / "init.json").write_text(json.dumps({"knn": []}))
+    with pytest.raises(ValueError, match="no linear probe"):
+        quality_table.summarize(run, k=20)
+
+
 def test_a_log_without_a_trained_evaluation_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(quality_table, "ROOT", tmp_path)
     write_log(tmp_path / "run.jsonl", init=0.30, per_epoch=[], seconds=90)

@@ -60,7 +60,8 @@ HELP = {
     "out": "run directory: checkpoint.pt, metrics.jsonl, summary.json",
     "seed": "seed of the initialisation, the split, the data order and the augmentations",
     "ckpt_every_steps": "also write the checkpoint every N steps (0: at the end of each epoch only)",
-    "stop_after_steps": "stop after N steps with a checkpoint, as if interrupted (resume with --resume)",
+    "stop_after_steps": "stop after N steps with a checkpoint, as if interrupted (resume with "
+    "--resume); 0: the checkpoint of the random initialisation, before any step",
     "log_every": "steps between metric lines in metrics.jsonl",
     "collapse_threshold": "stop when the embedding spread (per-dim std of normalized z x sqrt(D)) stays below this; 0: off",
     "collapse_patience": "consecutive steps below --collapse-threshold before stopping",

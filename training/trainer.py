@@ -407,9 +407,10 @@ class Trainer:
             dynamic_ncols=True,
         )
         per_step_images = cfg.batch_size
-        stopped_early = False
+        # --stop-after-steps 0: the checkpoint of the initialisation itself (a baseline to export)
+        stopped_early = cfg.stop_after_steps == 0 and self.step == 0
         try:
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and not stopped_early:
                 self.model.train()
                 epoch_start = time.perf_counter()
                 window_start, window_steps, window_loss, window_spread = (

@@ -197,10 +197,13 @@ def test_eval_writes_the_report_and_plots_and_reuses_cached_embeddings(
     for png in ("recall_qps.png", "retrieval_grid.png"):
         with Image.open(out / png) as img:
             assert img.format == "PNG" and min(img.size) > 100
-    assert main([*argv, "--json", "--no-ann"]) == 0  # the second run reads the cache
+    assert "linear" not in report  # only on request
+    assert main([*argv, "--json", "--no-ann", "--linear"]) == 0  # the second run reads the cache
     second = json.loads(capsys.readouterr().out)
     assert "cached" in second["gallery"] and "cached" in second["queries"]
     assert second["knn"] == report["knn"] and second["retrieval"] == report["retrieval"]
+    assert second["linear"]["test_images"] == report["queries"]["images"]
+    assert second["linear"]["top1"] > 0.9  # the patterns are easy
 
 
 def test_eval_refuses_unlabelled_folders(tmp_path, capsys):

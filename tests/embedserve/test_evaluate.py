@@ -12,6 +12,7 @@ from embedserve.evaluate import (
     evaluate_embeddings,
     format_report,
     l2_normalize,
+    linear_probe,
 )
 
 
@@ -59,3 +60,24 @@ def test_overlapping_classes_score_below_one():
 )
 def test_default_ann_settings_skip_indexes_the_gallery_cannot_train(n, expected):
     assert [s.factory for s in default_ann_settings(n)] == expected
+
+
+def test_linear_probe_separates_linearly_separable_classes_and_not_random_labels():
+    train, train_labels = clusters(100, 0, 0.3)
+    test, test_labels = clusters(25, 1, 0.3)
+    probe = linear_probe(train, train_labels, test, test_labels)
+    assert probe["top1"] == 1.0 and probe["converged"]
+    assert probe["train_images"] == 400 and probe["test_images"] == 100
+    # labels that the embeddings carry no information about: about chance (1/4), never perfect
+    rng = np.random.default_rng(2)
+    shuffled = linear_probe(train, rng.permutation(train_labels), test, test_labels)
+    assert shuffled["top1"] < 0.5
+    report = evaluate_embeddings(train, train_labels, test, test_labels, ann_settings=[])
+    report["linear"] = probe
+    assert "| linear probe top-1 | 1.0000 |" in format_report(report)
+
+
+def test_linear_probe_needs_two_classes():
+    x = np.ones((10, 4), np.float32)
+    with pytest.raises(ValueError, match="at least two classes"):
+        linear_probe(x, np.zeros(10, int), x, np.zeros(10, int))

@@ -87,6 +87,17 @@ def test_a_resumed_run_equals_an_uninterrupted_one(image_folder, tmp_path, metho
     assert train_losses(tmp_path / "straight")[4:] == train_losses(tmp_path / "resumed")[4:]
 
 
+def test_stop_after_zero_steps_saves_the_initialisation(image_folder, tmp_path):
+    """The random-initialisation baseline is exported from this checkpoint: no step, no update."""
+    trainer = Trainer(small_config(image_folder, tmp_path, stop_after_steps=0))
+    init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.fit()
+    assert summary["steps"] == 0 and not summary["finished"]
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert saved["step"] == 0 and saved["model"].keys() == init.keys()
+    assert all(torch.equal(saved["model"][k], v) for k, v in init.items())
+
+
 def test_a_diverging_run_stops_with_a_clear_message(image_folder, tmp_path):
     cfg = small_config(
         image_folder, tmp_path, method="simsiam", lr=1e30, precision="fp32", epochs=1
