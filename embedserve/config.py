@@ -3,7 +3,7 @@
 Every setting has an environment variable `EMBEDSERVE_<NAME>` (upper case). A config file, given
 by `EMBEDSERVE_CONFIG=path.toml`, holds the same names in lower case at the top level:
 
-    model = "simsiam-resnet18-imagenette"
+    model = "barlow-twins-resnet18-imagenette"
     device = "cpu"
     max_batch_size = 32
 

@@ -125,7 +125,7 @@ class EmbedResponse(BaseModel):
     """The answer of /embed."""
 
     model: str = Field(
-        description="the model package's name", examples=["simsiam-resnet18-imagenette"]
+        description="the model package's name", examples=["barlow-twins-resnet18-imagenette"]
     )
     dim: int = Field(description="embedding dimension", examples=[512])
     embeddings: list[list[float]] = Field(

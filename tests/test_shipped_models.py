@@ -1,5 +1,6 @@
 """The model packages committed in models/: the default one loads, verifies and embeds."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +52,26 @@ def test_the_default_package_embeds_real_photos_within_its_recorded_parity(image
         )
         min_cosine = float((vectors * batch).sum(1).min())
         assert min_cosine >= record["parity"]["tolerance"]["min_cosine"], (variant, min_cosine)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_embedserve_eval_reproduces_every_knn_figure_of_the_default_card(imagenette, tmp_path):
+    """The issue's rule: each number in the card within 0.5 points of `embedserve eval` on the
+    exported package (all of Imagenette train as the gallery, all of val as the queries)."""
+    from embedserve.cli import main
+
+    package = load_package(models_dir=MODELS)
+    card_knn = package.card["metrics"]["knn"]
+    assert card_knn, "the default card has no kNN figures"
+    assert {(m["dataset"], m["bank_split"], m["split"]) for m in card_knn} == {
+        ("imagenette-160", "train", "val")
+    }
+    argv = ["eval", "--gallery", str(imagenette / "train"), "--queries", str(imagenette / "val")]
+    argv += ["--out", str(tmp_path), "--no-ann", "--grid-rows", "2", "--quiet"]
+    argv += ["--variant", "fp32", "--device", "cpu", "--threads", "2"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    measured = {(r["k"], r["temperature"]): r["top1"] for r in report["knn"]}
+    for m in card_knn:
+        assert abs(measured[m["k"], m["temperature"]] - m["top1"]) <= 0.005, (m, measured)
