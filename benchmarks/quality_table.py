@@ -97,6 +97,7 @@ def plot(row: dict[str, Any], out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
     xs = [p["epoch"] for p in row["curve"]]
@@ -104,6 +105,7 @@ def plot(row: dict[str, Any], out: Path) -> Path:
     ax.plot(xs, ys, marker="o", label=f"{row['method']} (ours)")
     if row["random_init"] is not None:
         ax.axhline(row["random_init"], color="grey", ls=":", label="random init")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"kNN top-1 (k={row['knn_k']}, T={row['knn_temperature']})")
     ax.set_title(f"{row['name']}")
