@@ -209,6 +209,11 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     from embedserve.plots import plot_recall_qps
 
+    if args.linear:  # fail before the embedding, not after it
+        try:
+            import sklearn  # noqa: F401
+        except ImportError as e:
+            raise UsageError("--linear needs scikit-learn: pip install 'embedserve[eval]'") from e
     encoder = _encoder(args, args.model)
     package = encoder.package
     sets, vectors = {}, {}
@@ -218,6 +223,8 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise UsageError(
                 f"{folder}: eval needs labels, i.e. class-per-folder images (FOLDER/<class>/...)"
             )
+        if args.linear and split == "gallery" and len(set(images.labels)) < 2:
+            raise UsageError(f"{folder}: --linear needs a gallery of at least two classes")
         cache = (
             Path(args.cache) / f"{package.name}.{encoder.variant}.{split}.npy"
             if args.cache

@@ -214,6 +214,15 @@ def test_eval_refuses_unlabelled_folders(tmp_path, capsys):
     assert "class-per-folder" in capsys.readouterr().err
 
 
+def test_eval_linear_refuses_a_one_class_gallery_before_embedding(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    (tmp_path / "only").mkdir()
+    Image.fromarray(make_pattern(0, 2, 20, rng)).save(tmp_path / "only" / "a.png")
+    argv = ["eval", "--gallery", str(tmp_path), "--queries", str(tmp_path), "--linear", *ENGINE]
+    assert main(argv) == 2
+    assert "--linear needs a gallery of at least two classes" in capsys.readouterr().err
+
+
 def test_the_console_script_shows_help():
     proc = subprocess.run(
         [sys.executable, "-m", "embedserve.cli", "index", "build", "--help"],
@@ -243,3 +252,14 @@ def test_eval_on_a_slice_of_imagenette(imagenette, tmp_path, capsys):
     assert report["gallery"]["images"] == 150 and report["queries"]["images"] == 40
     knn = {(r["k"], r["temperature"]): r["top1"] for r in report["knn"]}
     assert knn[20, 0.07] > 0.15  # chance is 0.1; the 5-epoch default model gets about 0.3 here
+
+
+def test_eval_linear_without_scikit_learn_says_what_to_install(
+    image_folder, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    argv = ["eval", "--gallery", str(image_folder / "train"), "--queries"]
+    argv += [str(image_folder / "val"), "--out", str(tmp_path), "--linear", *ENGINE]
+    assert main(argv) == 2
+    assert "pip install 'embedserve[eval]'" in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists()
