@@ -206,14 +206,15 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
         evaluate_embeddings,
         format_report,
         linear_probe,
+        require_scikit_learn,
     )
     from embedserve.plots import plot_recall_qps
 
     if args.linear:  # fail before the embedding, not after it
         try:
-            import sklearn  # noqa: F401
+            require_scikit_learn()
         except ImportError as e:
-            raise UsageError("--linear needs scikit-learn: pip install 'embedserve[eval]'") from e
+            raise UsageError(f"--linear: {e}") from e
     encoder = _encoder(args, args.model)
     package = encoder.package
     sets, vectors = {}, {}

@@ -180,6 +180,16 @@ def evaluate_embeddings(
     return report
 
 
+def require_scikit_learn() -> None:
+    """Raise ImportError, saying what to install, when the linear probe cannot run."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "the linear probe needs scikit-learn: pip install 'embedserve[eval]'"
+        ) from e
+
+
 def linear_probe(
     train: np.ndarray,
     train_labels: np.ndarray,
@@ -195,14 +205,10 @@ def linear_probe(
     on the test embeddings. The papers train their probes for 100+ epochs on augmented crops, so
     this is a cheaper, deterministic estimate of the same quantity.
     """
-    try:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-    except ImportError as e:
-        raise ImportError(
-            "the linear probe needs scikit-learn: pip install 'embedserve[eval]'"
-        ) from e
+    require_scikit_learn()
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     if len(np.unique(train_labels)) < 2:
         raise ValueError("a linear probe needs training images of at least two classes")
