@@ -44,6 +44,13 @@ def worker_processes(server: Server) -> list[psutil.Process]:
     ]
 
 
+def dead(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 # -- a corrupted model ---------------------------------------------------------------------------
 
 
@@ -120,7 +127,14 @@ def test_a_worker_killed_mid_request_fails_those_requests_and_the_service_recove
             time.sleep(0.05)
         served_before = len(outcomes)
         worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=30)
+        # Probe from the moment the worker is dead (a zombie is dead: it answers nothing), not
+        # from when the server reaps it: reaping took ~8 s here and the new worker was warm ~1 s
+        # later, so a probe sent after the reap could sit in the listen backlog and be answered
+        # 200 by the new worker.
+        deadline = time.monotonic() + 10
+        while not dead(worker):
+            assert time.monotonic() < deadline, "SIGKILL did not kill the worker"
+            time.sleep(0.01)
         # readiness says "no" (refused, timed out or 503) until the new worker is warm
         probes = []
         deadline = time.monotonic() + 120
