@@ -52,8 +52,16 @@ def linear_top1(run: dict[str, Any], key: str) -> float | None:
     return report["linear"]["top1"]
 
 
-def summarize(run: dict[str, Any], k: int) -> dict[str, Any]:
-    """One table row from a run's metrics log."""
+def summarize(
+    run: dict[str, Any], k: int, runs: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One table row from a run's metrics log.
+
+    A run started from another's encoder (`--init-from`) names that run in the manifest
+    (`"continues": NAME`, looked up in `runs`): its row then counts both runs' epochs and
+    training time, its curve follows the earlier one, and its random-initialisation baseline is
+    the earlier run's (its own first evaluation is the starting point, not a random network).
+    """
     records = read_log(ROOT / run["metrics"])
     start = next(r for r in records if r["kind"] == "start")
     cfg = start["config"]
@@ -64,8 +72,20 @@ def summarize(run: dict[str, Any], k: int) -> dict[str, Any]:
     if not trained:
         raise ValueError(f"{run['metrics']}: no evaluation after an epoch")
     epochs = [r for r in records if r["kind"] == "epoch"]
+    minutes = round(sum(e["seconds"] for e in epochs) / 60, 1)
+    before = None
+    if start.get("init_from") or "continues" in run:
+        before = continued(run, start, cfg, k, runs or {})
+    curve = [(0, init)] if init is not None else []
+    curve += trained
+    if before is not None:
+        offset = before["total_epochs"]
+        curve = [(p["epoch"], p["knn"]) for p in before["curve"]]
+        curve += [(offset + e, v) for e, v in ([(0, init)] if init is not None else []) + trained]
     final_epoch, final = trained[-1]
     best_epoch, best = max(trained, key=lambda e: e[1])
+    if before is not None:
+        best_epoch += before["total_epochs"]  # counted as the curve and the epochs cell count
     published = PUBLISHED.get((cfg["method"], run["dataset"]), {})
     return {
         "name": run["name"],
@@ -77,19 +97,44 @@ def summarize(run: dict[str, Any], k: int) -> dict[str, Any]:
         "knn_final": final,
         "knn_best": best,
         "knn_best_epoch": best_epoch,
-        "random_init": init,
+        "random_init": before["random_init"] if before else init,
+        "start_knn": init if before else None,
+        "continues": before["name"] if before else None,
+        "total_epochs": (before["total_epochs"] if before else 0) + final_epoch,
         "linear": linear_top1(run, "linear_eval"),
         "random_init_linear": linear_top1(run, "random_init_linear_eval"),
         "published_knn": published.get("knn"),
         "published_epochs": published.get("epochs"),
         "published_linear": published.get("linear"),
-        "train_minutes": round(sum(e["seconds"] for e in epochs) / 60, 1),
+        "train_minutes": minutes,
+        "total_train_minutes": round((before["total_train_minutes"] if before else 0) + minutes, 1),
         "hardware": run["hardware"],
         "command": cfg.get("extra", {}).get("command"),
-        "curve": [
-            {"epoch": e, "knn": v} for e, v in ([(0, init)] if init is not None else []) + trained
-        ],
+        "curve": [{"epoch": e, "knn": v} for e, v in curve],
     }
+
+
+def continued(
+    run: dict[str, Any], start: dict[str, Any], cfg: dict[str, Any], k: int, runs: dict
+) -> dict[str, Any]:
+    """The row of the run that `run` started from, checked against what its log recorded."""
+    source = start.get("init_from") or {}
+    name = run.get("continues")
+    if name is None or name not in runs:
+        raise ValueError(
+            f"{run['metrics']}: the run started from {source.get('path', 'another encoder')}; "
+            f'name that run in the manifest with "continues" (got {name!r})'
+        )
+    if not source:
+        raise ValueError(f'{run["metrics"]}: "continues": {name!r}, but the log has no init_from')
+    before = summarize(runs[name], k, runs)
+    if source.get("epochs") != before["total_epochs"] or source.get("method") != cfg["method"]:
+        raise ValueError(
+            f"{run['metrics']}: started from a {source.get('method')} encoder of "
+            f"{source.get('epochs')} epochs, not from {name} ({before['method']}, "
+            f"{before['total_epochs']} epochs)"
+        )
+    return before
 
 
 def plot(row: dict[str, Any], out: Path) -> Path:
@@ -103,6 +148,9 @@ def plot(row: dict[str, Any], out: Path) -> Path:
     xs = [p["epoch"] for p in row["curve"]]
     ys = [p["knn"] for p in row["curve"]]
     ax.plot(xs, ys, marker="o", label=f"{row['method']} (ours)")
+    if row.get("continues"):
+        restart = row["total_epochs"] - row["epochs"]
+        ax.axvline(restart, color="tab:red", ls="--", lw=1, label=f"new schedule at {restart}")
     if row["random_init"] is not None:
         ax.axhline(row["random_init"], color="grey", ls=":", label="random init")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
@@ -138,7 +186,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "'final' is after the last epoch; 'best' is the best evaluated epoch (the published "
         "figures are best epochs). Random init: the same network before training. Linear: "
         "`embedserve eval --linear` on the exported package (logistic regression on frozen "
-        "centre-crop embeddings of train, top-1 on test).",
+        "centre-crop embeddings of train, top-1 on test). A run started from another run's "
+        "encoder (`--init-from`, a new schedule with fresh heads) gives its epochs and training "
+        "time as earlier + its own; its random init is the earlier run's.",
         "",
         "| run | method | dataset | epochs | kNN final | kNN best (epoch) | random init | "
         "published kNN (epochs) | linear | published linear | training | hardware |",
@@ -148,11 +198,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         published = (
             f"{pct(r['published_knn'])} ({r['published_epochs']})" if r["published_knn"] else "-"
         )
+        epochs, training = str(r["epochs"]), f"{r['train_minutes']} min"
+        if r.get("continues"):
+            first = r["total_epochs"] - r["epochs"]
+            epochs = f"{first} + {r['epochs']} = {r['total_epochs']}"
+            training = (
+                f"{round(r['total_train_minutes'] - r['train_minutes'], 1)} + "
+                f"{r['train_minutes']} = {r['total_train_minutes']} min"
+            )
         lines.append(
-            f"| {r['name']} | {r['method']} | {r['dataset']} | {r['epochs']} | "
+            f"| {r['name']} | {r['method']} | {r['dataset']} | {epochs} | "
             f"{pct(r['knn_final'])} | {pct(r['knn_best'])} ({r['knn_best_epoch']}) | "
             f"{pct(r['random_init'])} | {published} | {linear_cell(r)} | "
-            f"{pct(r['published_linear'])} | {r['train_minutes']} min | {r['hardware']} |"
+            f"{pct(r['published_linear'])} | {training} | {r['hardware']} |"
         )
     lines += ["", "Published sources:"]
     lines += [f"- {d}: {s}" for d, s in PUBLISHED_SOURCE.items()]
@@ -172,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = json.loads(Path(args.runs).read_text())
-    rows = [summarize(run, run.get("knn_k", 20)) for run in runs]
+    by_name = {run["name"]: run for run in runs}
+    rows = [summarize(run, run.get("knn_k", 20), by_name) for run in runs]
     if not args.no_plots:
         for row in rows:
             row["plot"] = str(plot(row, out).relative_to(out))

@@ -91,3 +91,54 @@ def test_the_shipped_manifest_builds_the_table(tmp_path):
     manifest = json.loads((ROOT / "benchmarks" / "quality_runs.json").read_text())
     assert [r["name"] for r in rows] == [m["name"] for m in manifest]
     assert all(r["knn_final"] > r["random_init"] for r in rows)
+
+
+def test_a_run_started_from_another_counts_both_and_keeps_the_first_ones_baseline(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    write_log(tmp_path / "first.jsonl", init=0.30, per_epoch=[0.40, 0.50], seconds=60)
+    write_log(tmp_path / "second.jsonl", init=0.51, per_epoch=[0.48, 0.55, 0.58], seconds=120)
+    log = (tmp_path / "second.jsonl").read_text().splitlines()
+    start = json.loads(log[0])
+    start["init_from"] = {"kind": "package", "path": "models/x", "method": "byol", "epochs": 2}
+    (tmp_path / "second.jsonl").write_text("\n".join([json.dumps(start), *log[1:]]) + "\n")
+    runs = {
+        "first": {"name": "first", "dataset": "imagenette-160", "metrics": "first.jsonl"},
+        "second": {
+            "name": "second",
+            "dataset": "imagenette-160",
+            "metrics": "second.jsonl",
+            "continues": "first",
+        },
+    }
+    for run in runs.values():
+        run["hardware"] = "cpu"
+    row = quality_table.summarize(runs["second"], k=20, runs=runs)
+    assert (row["epochs"], row["total_epochs"], row["knn_final"]) == (3, 5, 0.58)
+    assert (row["knn_best"], row["knn_best_epoch"]) == (0.58, 5)  # counted from the first run
+    assert row["random_init"] == 0.30 and row["start_knn"] == 0.51  # not the warm start
+    assert (row["train_minutes"], row["total_train_minutes"]) == (6.0, 8.0)
+    assert [(p["epoch"], p["knn"]) for p in row["curve"]] == [
+        (0, 0.30),
+        (1, 0.40),
+        (2, 0.50),
+        (2, 0.51),
+        (3, 0.48),
+        (4, 0.55),
+        (5, 0.58),
+    ]
+    md = quality_table.markdown([row])
+    assert "| second | byol | imagenette-160 | 2 + 3 = 5 | 58.00 | 58.00 (5) | 30.00 |" in md
+    assert "| 2.0 + 6.0 = 8.0 min |" in md
+    assert quality_table.plot(row, tmp_path).stat().st_size > 1000
+
+    # the manifest must name the earlier run, and it must be the one the log started from
+    del runs["second"]["continues"]
+    with pytest.raises(ValueError, match="name that run in the manifest"):
+        quality_table.summarize(runs["second"], k=20, runs=runs)
+    runs["second"]["continues"] = "first"
+    start["init_from"]["epochs"] = 40
+    (tmp_path / "second.jsonl").write_text("\n".join([json.dumps(start), *log[1:]]) + "\n")
+    with pytest.raises(ValueError, match="not from first"):
+        quality_table.summarize(runs["second"], k=20, runs=runs)

@@ -29,6 +29,7 @@ class TrainConfig:
     holdout_from_train: bool = False  # monitor on a holdout of train even when DIR has val/
     backbone: str = "resnet18"
     cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (32x32 images)
+    init_from: str | None = None  # start the encoder from a model package or a checkpoint
     zero_init_residual: bool = (
         True  # residual blocks start as identity (official SimSiam/Barlow Twins code)
     )

@@ -469,6 +469,7 @@ def training_record(ck: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> d
         "best_knn_during_training": ck.get("best_knn", {}),
         "torch_version": ck.get("torch_version"),
         "checkpoint": {"path": str(checkpoint), "sha256": pkg.sha256_file(checkpoint)},
+        "init_from": ck.get("init_from"),
     }
 
 

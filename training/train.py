@@ -58,6 +58,9 @@ HELP = {
     "knn_ks": "k values of the weighted kNN monitor",
     "knn_temperature": "temperature T of the kNN votes exp(sim/T)",
     "out": "run directory: checkpoint.pt, metrics.jsonl, summary.json",
+    "init_from": "start the encoder from an exported model package (models/NAME) or a training "
+    "checkpoint: a new run (own schedule, fresh heads) from those weights, recorded in the card; "
+    "not --resume, which continues a run exactly",
     "seed": "seed of the initialisation, the split, the data order and the augmentations",
     "ckpt_every_steps": "also write the checkpoint every N steps (0: at the end of each epoch only)",
     "stop_after_steps": "stop after N steps with a checkpoint, as if interrupted (resume with "

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from embedserve.preprocess import Preprocess
-from training import checkpoint
+from training import checkpoint, warmstart
 from training.allocator import retain_freed_memory
 from training.augment import TwoViews
 from training.backbones import create_backbone
@@ -209,6 +209,9 @@ class Trainer:
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
 
         model = build_model(cfg, distributed=self.dist.enabled)
+        self.init_record = self.resume_state.get("init_from") if self.resume_state else None
+        if cfg.init_from and self.resume_state is None:
+            self.init_record = self._init_weights(model, cfg.init_from)
         if self.dist.enabled:
             model = convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)
@@ -246,7 +249,27 @@ class Trainer:
             "epoch_times": self.epoch_times,
             "rng": checkpoint.rng_states(),
             "torch_version": torch.__version__,
+            "init_from": self.init_record,
         }
+
+    def _init_weights(self, model: nn.Module, source: str) -> dict[str, Any]:
+        """Load an earlier encoder into the freshly built model (see training/warmstart.py)."""
+        if Path(source).is_file() and Path(source).suffix != ".onnx":
+            record = warmstart.init_from_checkpoint(model.backbone, source)
+        else:
+            n = min(len(self.dataset), 1024)  # 2 views each: the BatchNorm statistics
+            views = torch.cat([torch.stack(self.dataset[i]) for i in range(n)])
+            pre = Preprocess(self.cfg.eval_resize, self.cfg.image_size, self.cfg.image_size)
+            check = EvalDataset(self.train_samples, pre)
+            check_images = torch.stack([check[i][0] for i in range(min(len(check), 32))])
+            normalize = Normalize()
+            record = warmstart.init_from_package(
+                model.backbone, source, views, normalize, check_images
+            )
+        if isinstance(model, BYOL):  # the teacher starts as a copy of the online network
+            model.teacher_backbone.load_state_dict(model.backbone.state_dict())
+        tqdm.write(f"initialised the encoder from {source}: {json.dumps(record)[:300]}")
+        return record
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -396,6 +419,7 @@ class Trainer:
                 train_images=len(self.train_samples),
                 held_out_images=len(self.held_samples),
                 steps_per_epoch=self.steps_per_epoch,
+                init_from=self.init_record,
             )
         if cfg.eval_at_start and self.step == 0 and cfg.eval_every:
             self._run_eval("init")

@@ -1,0 +1,158 @@
+"""--init-from: a new run starts from an exported package's encoder (BatchNorms rebuilt from the
+folded graph) or from a checkpoint's; the card records where the weights came from."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from embedserve.package import sha256_file
+from training import checkpoint as ckpt_io
+from training.backbones import create_backbone
+from training.export import EmbeddingGraph, export_onnx, generated_images, training_record
+from training.train import main
+from training.trainer import Normalize, Trainer
+from training.warmstart import init_from_checkpoint, init_from_package, read_package
+
+from .test_trainer import small_config
+
+SIZE = 32
+
+
+def uint8_nchw(n: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(generated_images(n, SIZE, SIZE, seed=seed)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def trained_like_backbone(seed: int = 0) -> nn.Module:
+    """A ResNet-18 whose BatchNorms look trained: random gammas (some negative, one zero
+    channel), betas, and running statistics accumulated over images in training mode."""
+    torch.manual_seed(seed)
+    backbone, _ = create_backbone("resnet18", zero_init_residual=True)
+    bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.weight.uniform_(0.3, 1.5).mul_(torch.where(torch.rand_like(bn.weight) < 0.2, -1, 1))
+        bn.bias.normal_(0, 0.3)
+        bn.momentum = None  # cumulative average: the statistics of all the images below
+        bn.reset_running_stats()
+    bns[3].weight[0] = 0.0  # a dead channel: W' = 0 in the graph
+    normalize = Normalize()
+    backbone.train()
+    for seed_ in range(4):
+        backbone(normalize(uint8_nchw(64, seed=100 + seed_)))
+    return backbone.eval()
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> tuple[Path, nn.Module]:
+    """An exported package of `trained_like_backbone` (model.onnx and a minimal card)."""
+    pkg = tmp_path_factory.mktemp("models") / "bt-test"
+    pkg.mkdir()
+    original = trained_like_backbone()
+    export_onnx(EmbeddingGraph(original).eval(), pkg / "model.onnx", SIZE, SIZE)
+    card = {
+        "name": "bt-test",
+        "method": "barlow_twins",
+        "backbone": "resnet18",
+        "training": {"epochs": 7, "command": "python -m training.train --epochs 7"},
+        "metrics": {"knn": [{"k": 20, "top1": 0.5}]},
+    }
+    (pkg / "card.json").write_text(json.dumps(card))
+    return pkg, original
+
+
+def test_the_package_encoder_is_rebuilt_exactly_in_eval_mode_and_closely_in_training_mode(
+    package,
+):
+    pkg, original = package
+    fresh, _ = create_backbone("resnet18", zero_init_residual=True)
+    normalize = Normalize()
+    record = init_from_package(
+        fresh, pkg, uint8_nchw(256, seed=100), normalize, uint8_nchw(16, seed=7)
+    )
+    assert record["kind"] == "package" and record["name"] == "bt-test" and record["epochs"] == 7
+    assert record["model_sha256"] == sha256_file(pkg / "model.onnx")
+    assert record["parity_min_cosine"] > 0.9999
+
+    x = normalize(uint8_nchw(32, seed=3))  # images neither step has seen
+    with torch.no_grad():
+        original.eval(), fresh.eval()
+        torch.testing.assert_close(fresh(x), original(x), rtol=1e-3, atol=1e-4)
+        # training mode normalizes by the batch: the rebuilt gammas and betas must stand in for
+        # the lost ones. Measured: min cosine 0.968 (the statistics are taken in eval mode, the
+        # original's in training mode); an identity BatchNorm with the folded bias gives 0.37.
+        original = copy.deepcopy(original).train()  # a training-mode pass updates statistics
+        cos = nn.functional.cosine_similarity(fresh.train()(x), original(x), dim=1)
+    assert cos.min() > 0.95, cos
+
+
+def test_a_package_of_another_architecture_or_no_package_is_refused(
+    package, image_folder, tmp_path, capsys
+):
+    pkg, _ = package
+    other, _ = create_backbone("resnet34")
+    images = uint8_nchw(8, seed=1)
+    with pytest.raises(ValueError, match="the graph has 20 convolutions, the backbone 36"):
+        init_from_package(other, pkg, images, Normalize(), images)
+    with pytest.raises(FileNotFoundError, match="no card.json and model.onnx"):
+        read_package(tmp_path)
+    argv = ["--data", str(image_folder), "--image-size", "32", "--batch-size", "16"]
+    argv += ["--out", str(tmp_path / "run")]
+    assert main([*argv, "--no-progress", "--init-from", str(tmp_path / "nowhere")]) == 2
+    assert "--init-from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_started_from_a_package_records_it_and_resumes_without_it(
+    package, image_folder, tmp_path
+):
+    pkg, original = package
+    local = tmp_path / "bt-test"
+    shutil.copytree(pkg, local)
+    cfg = small_config(
+        image_folder,
+        tmp_path / "run",
+        method="barlow_twins",
+        init_from=str(local),
+        stop_after_steps=1,
+        precision="fp32",
+        threads=1,
+    )
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(cfg)
+        x = Normalize()(uint8_nchw(8, seed=5))
+        with torch.no_grad():
+            backbone = trainer.model.backbone.eval()
+            torch.testing.assert_close(
+                backbone(x.contiguous(memory_format=torch.channels_last)),
+                original(x),
+                rtol=1e-3,
+                atol=1e-4,
+            )
+        trainer.fit()
+        ckpt = tmp_path / "run" / "checkpoint.pt"
+        ck = ckpt_io.load(ckpt)
+        assert ck["init_from"]["name"] == "bt-test" and ck["init_from"]["epochs"] == 7
+        record = training_record(ck, trainer.cfg, ckpt)
+        assert record["init_from"]["model_sha256"] == sha256_file(pkg / "model.onnx")
+
+        # the package may be gone (re-exported over) by the time the run is resumed
+        shutil.rmtree(local)
+        resumed = Trainer(small_config(image_folder, tmp_path / "run"), resume=str(ckpt))
+        assert resumed.init_record == ck["init_from"]
+    finally:
+        torch.set_num_threads(threads)
+
+    # a checkpoint is a source too: its backbone, nothing else
+    fresh, _ = create_backbone("resnet18", zero_init_residual=True)
+    rec = init_from_checkpoint(fresh, ckpt)
+    assert rec["kind"] == "checkpoint" and rec["init_from"]["name"] == "bt-test"
+    for name, p in fresh.state_dict().items():
+        torch.testing.assert_close(p, ck["model"]["backbone." + name])

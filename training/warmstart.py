@@ -1,0 +1,202 @@
+"""Start a run from an earlier encoder: a training checkpoint, or an exported model package.
+
+A run's checkpoint holds everything and `--resume` continues it exactly. Where the checkpoint is
+gone but the exported package is kept (models/ is committed; runs/ is not), `--init-from
+PACKAGE` starts a *new* run, with its own schedule and fresh heads, from the package's encoder.
+
+The exported graph has every BatchNorm folded into the convolution before it
+(y = W'x + b', W' = W * g / s, b' = beta - g * mu / s), so the BatchNorm parameters are not in
+the file. They are rebuilt so that the network computes exactly the exported function in eval
+mode and (nearly) the original one in training mode:
+
+- the convolution gets W' (a scale of W; the BatchNorm after it removes the scale in training);
+- the BatchNorm's running mean and variance are the per-channel mean m and variance v of W'x
+  over training views; its gamma is sqrt(v + eps) and its beta m + b'.
+
+In eval mode that BatchNorm maps W'x to W'x + b', whatever m and v are. In training mode it maps
+W'x to std(W'x) * (W'x - batch mean) / batch std + m + b'; since std(W'x) ~ |g| and m + b' ~ beta,
+that is the original layer up to the difference between batch and running statistics.
+`init_from_package` checks the rebuilt encoder against ONNX Runtime on the same images and
+refuses to train from it if they differ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedserve.package import sha256_file
+
+PARITY_MIN_COSINE = 0.9999
+
+
+def _conv_bn_pairs(backbone: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
+    """Each convolution with the BatchNorm that follows it, in the order they run."""
+    pairs: list[tuple[str, nn.Conv2d, nn.BatchNorm2d]] = []
+    pending: tuple[str, nn.Conv2d] | None = None
+    for name, m in backbone.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if pending is not None:
+                raise ValueError(f"{pending[0]} is not followed by a BatchNorm2d")
+            pending = (name, m)
+        elif isinstance(m, nn.BatchNorm2d):
+            if pending is None:
+                raise ValueError(f"BatchNorm2d {name} follows no convolution")
+            pairs.append((pending[0], pending[1], m))
+            pending = None
+    if pending is not None:
+        raise ValueError(f"{pending[0]} is not followed by a BatchNorm2d")
+    return pairs
+
+
+def _onnx_convs(model_path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(weight, bias) of each Conv node of an exported graph, in graph order."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    init = {t.name: t for t in graph.initializer}
+    convs = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        if len(node.input) < 3 or node.input[1] not in init or node.input[2] not in init:
+            raise ValueError(
+                f"{model_path}: Conv node {node.name!r} has no constant weight and bias "
+                "(not a graph exported with folded BatchNorms)"
+            )
+        w = numpy_helper.to_array(init[node.input[1]]).astype(np.float32)
+        b = numpy_helper.to_array(init[node.input[2]]).astype(np.float32)
+        convs.append((w, b))
+    return convs
+
+
+def read_package(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(model.onnx, card) of a package directory (or of the model.onnx inside one)."""
+    path = Path(path)
+    pkg = path.parent if path.suffix == ".onnx" else path
+    card_path, model = pkg / "card.json", pkg / "model.onnx"
+    if not card_path.is_file() or not model.is_file():
+        raise FileNotFoundError(f"--init-from {path}: no card.json and model.onnx in {pkg}")
+    return model, json.loads(card_path.read_text())
+
+
+@torch.no_grad()
+def init_from_package(
+    backbone: nn.Module,
+    package: str | Path,
+    views: torch.Tensor,
+    prepare,
+    check_images: torch.Tensor,
+) -> dict[str, Any]:
+    """Load a package's encoder into `backbone` (a freshly built one of the same architecture).
+
+    `views`: uint8 NCHW training views whose statistics rebuild the BatchNorms; `prepare`
+    turns uint8 NCHW into the backbone's input; `check_images`: uint8 NCHW images on which the
+    rebuilt encoder must match ONNX Runtime. Returns the record of where the weights came from.
+    """
+    model_path, card = read_package(package)
+    convs = _onnx_convs(model_path)
+    pairs = _conv_bn_pairs(backbone)
+    if len(convs) != len(pairs):
+        raise ValueError(
+            f"--init-from {package}: the graph has {len(convs)} convolutions, the backbone "
+            f"{len(pairs)} (card: backbone {card.get('backbone')!r})"
+        )
+    for (name, conv, bn), (w, b) in zip(pairs, convs, strict=True):
+        if tuple(conv.weight.shape) != w.shape:
+            raise ValueError(
+                f"--init-from {package}: {name} is {tuple(conv.weight.shape)} here and {w.shape} "
+                f"in the graph (card: backbone {card.get('backbone')!r})"
+            )
+        conv.weight.copy_(torch.from_numpy(w))
+        # identity BatchNorm plus the folded bias, for measuring W'x in eval mode
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(torch.from_numpy(b))
+
+    sums: dict[nn.BatchNorm2d, list[torch.Tensor]] = {}
+
+    def collect(module, inputs, _output):
+        x = inputs[0].float()
+        acc = sums.setdefault(module, [torch.zeros(()), 0, 0])
+        acc[0] = acc[0] + x.sum(dim=(0, 2, 3))
+        acc[1] = acc[1] + (x * x).sum(dim=(0, 2, 3))
+        acc[2] += x.numel() // x.shape[1]
+
+    was_training = backbone.training
+    backbone.eval()
+    hooks = [bn.register_forward_hook(collect) for _, _, bn in pairs]
+    try:
+        for i in range(0, len(views), 64):
+            backbone(prepare(views[i : i + 64]))
+    finally:
+        for h in hooks:
+            h.remove()
+    for _, _, bn in pairs:
+        s, ss, n = sums[bn]
+        mean = s / n
+        var = (ss / n - mean * mean).clamp_min(0.0)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(torch.sqrt(var + bn.eps))
+        bn.bias.add_(mean)
+
+    cosine = _parity(backbone, model_path, prepare, check_images)
+    backbone.train(was_training)
+    if cosine < PARITY_MIN_COSINE:
+        raise ValueError(
+            f"--init-from {package}: the rebuilt encoder differs from model.onnx "
+            f"(min cosine {cosine:.6f} < {PARITY_MIN_COSINE}); not a graph of this backbone?"
+        )
+    training = card.get("training", {})
+    return {
+        "kind": "package",
+        "path": str(package),
+        "name": card.get("name"),
+        "model_sha256": sha256_file(model_path),
+        "method": card.get("method"),
+        "epochs": training.get("epochs"),
+        "command": training.get("command"),
+        "init_from": training.get("init_from"),
+        "metrics": card.get("metrics"),
+        "parity_min_cosine": cosine,
+        "batchnorm_statistics_images": int(len(views)),
+    }
+
+
+def _parity(backbone: nn.Module, model_path: Path, prepare, images: torch.Tensor) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+    ref = session.run(None, {inp.name: nhwc})[0]
+    ours = nn.functional.normalize(backbone(prepare(images)).float(), dim=1).cpu().numpy()
+    return float((ref * ours).sum(axis=1).min())
+
+
+def init_from_checkpoint(backbone: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load the backbone of a training checkpoint (heads, optimizer and schedule start afresh)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    prefix = "backbone."
+    weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"--init-from {path}: the checkpoint's model has no backbone.* weights")
+    backbone.load_state_dict(weights)
+    cfg = state.get("config", {})
+    return {
+        "kind": "checkpoint",
+        "path": str(path),
+        "checkpoint_sha256": sha256_file(path),
+        "method": cfg.get("method"),
+        "epochs": state.get("epoch"),
+        "command": cfg.get("extra", {}).get("command"),
+        "init_from": state.get("init_from"),
+    }
