@@ -142,6 +142,7 @@ def test_a_run_started_from_a_package_records_it_and_resumes_without_it(
         assert ck["init_from"]["name"] == "bt-test" and ck["init_from"]["epochs"] == 7
         record = training_record(ck, trainer.cfg, ckpt)
         assert record["init_from"]["model_sha256"] == sha256_file(pkg / "model.onnx")
+        assert record["epochs"] == 0 and record["total_epochs"] == 7  # 1 step of epoch 1
 
         # the package may be gone (re-exported over) by the time the run is resumed
         shutil.rmtree(local)
