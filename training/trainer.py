@@ -257,8 +257,10 @@ class Trainer:
         if Path(source).is_file() and Path(source).suffix != ".onnx":
             record = warmstart.init_from_checkpoint(model.backbone, source)
         else:
-            n = min(len(self.dataset), 1024)  # 2 views each: the BatchNorm statistics
-            views = torch.cat([torch.stack(self.dataset[i]) for i in range(n)])
+            # 1,024 images spread over the training set (it is ordered by class), 2 views each:
+            # the BatchNorm statistics
+            picks = np.linspace(0, len(self.dataset) - 1, min(len(self.dataset), 1024))
+            views = torch.cat([torch.stack(self.dataset[int(i)]) for i in picks])
             pre = Preprocess(self.cfg.eval_resize, self.cfg.image_size, self.cfg.image_size)
             check = EvalDataset(self.train_samples, pre)
             check_images = torch.stack([check[i][0] for i in range(min(len(check), 32))])
