@@ -76,16 +76,13 @@ def summarize(
     before = None
     if start.get("init_from") or "continues" in run:
         before = continued(run, start, cfg, k, runs or {})
-    curve = [(0, init)] if init is not None else []
-    curve += trained
-    if before is not None:
-        offset = before["total_epochs"]
-        curve = [(p["epoch"], p["knn"]) for p in before["curve"]]
-        curve += [(offset + e, v) for e, v in ([(0, init)] if init is not None else []) + trained]
+    # epochs are counted from the first run's start, as the curve and the epochs cell count them
+    offset = before["total_epochs"] if before else 0
+    curve = [(p["epoch"], p["knn"]) for p in before["curve"]] if before else []
+    curve += [(offset + e, v) for e, v in ([(0, init)] if init is not None else []) + trained]
     final_epoch, final = trained[-1]
     best_epoch, best = max(trained, key=lambda e: e[1])
-    if before is not None:
-        best_epoch += before["total_epochs"]  # counted as the curve and the epochs cell count
+    best_epoch += offset
     published = PUBLISHED.get((cfg["method"], run["dataset"]), {})
     return {
         "name": run["name"],
@@ -100,7 +97,7 @@ def summarize(
         "random_init": before["random_init"] if before else init,
         "start_knn": init if before else None,
         "continues": before["name"] if before else None,
-        "total_epochs": (before["total_epochs"] if before else 0) + final_epoch,
+        "total_epochs": offset + final_epoch,
         "linear": linear_top1(run, "linear_eval"),
         "random_init_linear": linear_top1(run, "random_init_linear_eval"),
         "published_knn": published.get("knn"),

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from embedserve.package import sha256_file
+from training import checkpoint
 
 PARITY_MIN_COSINE = 0.9999
 
@@ -148,7 +149,7 @@ def init_from_package(
         bn.weight.copy_(torch.sqrt(var + bn.eps))
         bn.bias.add_(mean)
 
-    cosine = _parity(backbone, model_path, prepare, check_images)
+    cosine = _parity(backbone, model_path, check_images)
     backbone.train(was_training)
     if cosine < PARITY_MIN_COSINE:
         raise ValueError(
@@ -171,20 +172,19 @@ def init_from_package(
     }
 
 
-def _parity(backbone: nn.Module, model_path: Path, prepare, images: torch.Tensor) -> float:
-    import onnxruntime as ort
+def _parity(backbone: nn.Module, model_path: Path, images: torch.Tensor) -> float:
+    """Min cosine between the exporter's graph of `backbone` (eval mode) and model.onnx."""
+    # imported here: training.export imports the trainer, which imports this module
+    from training.export import EmbeddingGraph, cpu_session, parity, run_session, torch_embeddings
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
     nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-    ref = session.run(None, {inp.name: nhwc})[0]
-    ours = nn.functional.normalize(backbone(prepare(images)).float(), dim=1).cpu().numpy()
-    return float((ref * ours).sum(axis=1).min())
+    ours = torch_embeddings(EmbeddingGraph(backbone).eval(), nhwc)
+    return parity(run_session(cpu_session(model_path), nhwc), ours)[0]
 
 
 def init_from_checkpoint(backbone: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load the backbone of a training checkpoint (heads, optimizer and schedule start afresh)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.load(path)
     prefix = "backbone."
     weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     if not weights:
