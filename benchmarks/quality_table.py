@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from embedserve.package import lineage_epochs  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 # Published ResNet-18 figures, from ../shared/guide/REFERENCE.md ("Published results").
@@ -125,10 +129,12 @@ def continued(
     if not source:
         raise ValueError(f'{run["metrics"]}: "continues": {name!r}, but the log has no init_from')
     before = summarize(runs[name], k, runs)
-    if source.get("epochs") != before["total_epochs"] or source.get("method") != cfg["method"]:
+    # the source's record counts its own epochs; those of the runs before it are nested in it
+    source_epochs = lineage_epochs(source)
+    if source_epochs != before["total_epochs"] or source.get("method") != cfg["method"]:
         raise ValueError(
             f"{run['metrics']}: started from a {source.get('method')} encoder of "
-            f"{source.get('epochs')} epochs, not from {name} ({before['method']}, "
+            f"{source_epochs} epochs in all, not from {name} ({before['method']}, "
             f"{before['total_epochs']} epochs)"
         )
     return before

@@ -71,6 +71,16 @@ def validate_card(card: dict[str, Any], where: str = CARD_FILE) -> None:
         )
 
 
+def lineage_epochs(source: dict[str, Any] | None) -> int:
+    """Epochs of the runs an encoder started from (a card's `training.init_from`, the record
+    of `--init-from`), following the chain back to the first run and counting it too."""
+    total = 0
+    while source:
+        total += int(source.get("epochs") or 0)
+        source = source.get("init_from")
+    return total
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()

@@ -33,6 +33,14 @@ def write_log(path: Path, init: float, per_epoch: list[float], seconds: float) -
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def set_init_from(path: Path, source: dict) -> None:
+    """Record in a log's start that its run began from `source` (what --init-from writes)."""
+    start, *rest = path.read_text().splitlines()
+    path.write_text(
+        "\n".join([json.dumps({**json.loads(start), "init_from": source}), *rest]) + "\n"
+    )
+
+
 def test_a_row_reports_final_best_init_time_and_the_published_figure(tmp_path, monkeypatch):
     monkeypatch.setattr(quality_table, "ROOT", tmp_path)
     write_log(tmp_path / "run.jsonl", init=0.30, per_epoch=[0.35, 0.42, 0.41], seconds=90)
@@ -142,3 +150,38 @@ def test_a_run_started_from_another_counts_both_and_keeps_the_first_ones_baselin
     (tmp_path / "second.jsonl").write_text("\n".join([json.dumps(start), *log[1:]]) + "\n")
     with pytest.raises(ValueError, match="not from first"):
         quality_table.summarize(runs["second"], k=20, runs=runs)
+
+
+def test_a_second_continuation_counts_the_whole_lineage(tmp_path, monkeypatch):
+    """A run started from a continued run's package: the source's record counts its own
+    epochs, with the run before it nested; the row counts all three schedules."""
+    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    write_log(tmp_path / "a.jsonl", init=0.30, per_epoch=[0.40, 0.50], seconds=60)
+    write_log(tmp_path / "b.jsonl", init=0.50, per_epoch=[0.52, 0.55, 0.58], seconds=60)
+    write_log(tmp_path / "c.jsonl", init=0.58, per_epoch=[0.57, 0.61], seconds=120)
+    first = {"kind": "package", "method": "byol", "epochs": 2, "init_from": None}
+    set_init_from(tmp_path / "b.jsonl", first)
+    set_init_from(
+        tmp_path / "c.jsonl", {"kind": "package", "method": "byol", "epochs": 3, "init_from": first}
+    )
+    runs = {
+        name: {
+            "name": name,
+            "dataset": "imagenette-160",
+            "metrics": f"{name}.jsonl",
+            "hardware": "cpu",
+            **({"continues": before} if before else {}),
+        }
+        for name, before in [("a", None), ("b", "a"), ("c", "b")]
+    }
+    row = quality_table.summarize(runs["c"], k=20, runs=runs)
+    assert (row["epochs"], row["total_epochs"], row["knn_best_epoch"]) == (2, 7, 7)
+    assert row["random_init"] == 0.30  # the first run's, two schedules back
+    assert (row["train_minutes"], row["total_train_minutes"]) == (4.0, 9.0)
+    assert [p["epoch"] for p in row["curve"]] == [0, 1, 2, 2, 3, 4, 5, 5, 6, 7]
+    assert "| c | byol | imagenette-160 | 5 + 2 = 7 |" in quality_table.markdown([row])
+
+    # naming the first run instead of the one it started from is refused
+    runs["c"]["continues"] = "a"
+    with pytest.raises(ValueError, match="encoder of 5 epochs in all, not from a"):
+        quality_table.summarize(runs["c"], k=20, runs=runs)

@@ -470,17 +470,8 @@ def training_record(ck: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> d
         "torch_version": ck.get("torch_version"),
         "checkpoint": {"path": str(checkpoint), "sha256": pkg.sha256_file(checkpoint)},
         "init_from": ck.get("init_from"),
-        "total_epochs": int(ck.get("epoch", 0)) + lineage_epochs(ck.get("init_from")),
+        "total_epochs": int(ck.get("epoch", 0)) + pkg.lineage_epochs(ck.get("init_from")),
     }
-
-
-def lineage_epochs(source: dict[str, Any] | None) -> int:
-    """Epochs of the runs an encoder started from (--init-from), earliest included."""
-    total = 0
-    while source:
-        total += int(source.get("epochs") or 0)
-        source = source.get("init_from")
-    return total
 
 
 def versions() -> dict[str, str]:
