@@ -107,10 +107,8 @@ def test_a_run_started_from_another_counts_both_and_keeps_the_first_ones_baselin
     monkeypatch.setattr(quality_table, "ROOT", tmp_path)
     write_log(tmp_path / "first.jsonl", init=0.30, per_epoch=[0.40, 0.50], seconds=60)
     write_log(tmp_path / "second.jsonl", init=0.51, per_epoch=[0.48, 0.55, 0.58], seconds=120)
-    log = (tmp_path / "second.jsonl").read_text().splitlines()
-    start = json.loads(log[0])
-    start["init_from"] = {"kind": "package", "path": "models/x", "method": "byol", "epochs": 2}
-    (tmp_path / "second.jsonl").write_text("\n".join([json.dumps(start), *log[1:]]) + "\n")
+    source = {"kind": "package", "path": "models/x", "method": "byol", "epochs": 2}
+    set_init_from(tmp_path / "second.jsonl", source)
     runs = {
         "first": {"name": "first", "dataset": "imagenette-160", "metrics": "first.jsonl"},
         "second": {
@@ -146,8 +144,7 @@ def test_a_run_started_from_another_counts_both_and_keeps_the_first_ones_baselin
     with pytest.raises(ValueError, match="name that run in the manifest"):
         quality_table.summarize(runs["second"], k=20, runs=runs)
     runs["second"]["continues"] = "first"
-    start["init_from"]["epochs"] = 40
-    (tmp_path / "second.jsonl").write_text("\n".join([json.dumps(start), *log[1:]]) + "\n")
+    set_init_from(tmp_path / "second.jsonl", {**source, "epochs": 40})
     with pytest.raises(ValueError, match="not from first"):
         quality_table.summarize(runs["second"], k=20, runs=runs)
 
