@@ -3,9 +3,11 @@
 For each method x backbone x image size, the same `Trainer.train_step` runs as
   - plain:   fp32, contiguous memory, the C library's allocator (what a first implementation
              would do),
-  - project: the training defaults (bf16 autocast, channels_last, the retained CPU allocator),
+  - project: the training defaults (precision auto: bf16 autocast where the CPU has bf16
+             arithmetic, AVX512-BF16 or AMX, else fp32; channels_last; the retained CPU
+             allocator),
 and with --ablation also each optimization alone (fp32 + retained allocator; bf16 +
-channels_last with the system allocator). Every measurement runs in a fresh process (the
+channels_last with the system allocator, bf16 whatever the CPU). Every measurement runs in a fresh process (the
 allocator setting is process-wide), on synthetic uint8 batches (model compute only), and the
 configurations take turns, repeat after repeat, so that the shared machine's drift falls on all
 of them alike; each figure is the median over the repeats. It then measures whether data loading
@@ -34,7 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.config import TrainConfig  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from training.trainer import (  # noqa: E402
+    Trainer,
+    cpu_has_native_bf16,
+    precision_name,
+    resolve_precision,
+)
 
 IMAGENETTE = ROOT.parent / "shared" / "datasets" / "imagenette-160"
 
@@ -55,7 +62,7 @@ CONFIGS = {
 }
 ABLATION = {
     "fp32+allocator": {"precision": "fp32", "channels_last": False},
-    "bf16+channels_last": {"cpu_allocator": "system"},
+    "bf16+channels_last": {"precision": "bf16", "cpu_allocator": "system"},
 }
 
 
@@ -191,7 +198,12 @@ def main() -> None:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_native_bf16": cpu_has_native_bf16(),
         },
+        # what the project's precision "auto" became on the device the steps run on
+        "project_precision": precision_name(
+            resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        ),
         "torch": torch.__version__,
         "batch_size": args.batch_size,
         "data": data,

@@ -53,9 +53,9 @@ class TrainConfig:
     proj_hidden_dim: int | None = None  # BYOL projector hidden size
     proj_dim: int | None = None  # BYOL/SimSiam projection size
     pred_hidden_dim: int | None = None  # BYOL/SimSiam predictor hidden size
-    precision: str = (
-        "auto"  # auto (bf16 on CPU and on CUDA where supported, else fp16) | bf16 | fp16 | fp32
-    )
+    # auto: bf16 on CUDA where supported (else fp16) and on CPUs with AVX512-BF16 or AMX, fp32 on
+    # other CPUs (which emulate bf16 slowly) | bf16 | fp16 | fp32
+    precision: str = "auto"
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda
     cpu_allocator: str = "retain"  # retain | system (see training/allocator.py)

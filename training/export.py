@@ -3,7 +3,7 @@
     python -m training.export --checkpoint runs/NAME/checkpoint.pt --out models/NAME
 
 writes `models/NAME/` = `model.onnx` (fp32) + `model.fp16.onnx` (GPUs) + `model.int8.onnx` (CPUs
-with VNNI) + `card.json` (see embedserve/card.schema.json), after checking every file:
+with VNNI or AVX2) + `card.json` (see embedserve/card.schema.json), after checking every file:
 ONNX Runtime (CPU) against PyTorch fp32 on real images preprocessed by `embedserve.preprocess`,
 and a batch of 8 against 8 single-image runs, within the tolerances of `TOLERANCES`; with labels,
 the kNN top-1 of each variant against model.onnx. A package that fails is not written and the
@@ -389,14 +389,17 @@ def knn_from_run(
         "split": query_split,
         "bank_split": bank_split,
     }
-    for record in reversed(read_metrics(checkpoint.parent)):
+    records = read_metrics(checkpoint.parent)
+    start = next((r for r in records if r.get("kind") == "start"), {})
+    precision = start.get("precision", cfg.precision)  # resolved "auto" (runs from 2026-11-23)
+    for record in reversed(records):
         if record.get("kind") == "eval" and record.get("step") == ck.get("step"):
             return [
                 {
                     "k": k,
                     "top1": record[f"knn_top1_k{k}"],
                     **common,
-                    "source": f"trainer evaluation at step {ck['step']} (PyTorch, {cfg.precision} precision)",
+                    "source": f"trainer evaluation at step {ck['step']} (PyTorch, {precision} precision)",
                 }
                 for k in cfg.knn_ks
                 if f"knn_top1_k{k}" in record

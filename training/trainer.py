@@ -55,13 +55,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
+
+    Without either (AVX2-only CPUs such as AMD Zen 2/3 or older Intel cores), PyTorch emulates
+    bf16 and an autocast step is several times slower than fp32, not faster.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None for fp32)."""
+    """The autocast dtype (None for fp32).
+
+    auto: bf16 on CUDA where supported (fp16 otherwise) and on CPUs with native bf16, fp32 on
+    other CPUs.
+    """
     if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return PRECISIONS[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """bf16, fp16 or fp32: what an autocast dtype from resolve_precision stands for."""
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
 def build_model(cfg: TrainConfig, distributed: bool = False) -> nn.Module:
@@ -416,6 +438,7 @@ class Trainer:
                 config=asdict(cfg),
                 resumed_at_step=self.step,
                 device=str(self.device),
+                precision=precision_name(self.amp_dtype),
                 retained_allocator=self.retained_allocator,
                 world_size=self.dist.world_size,
                 train_images=len(self.train_samples),

@@ -255,3 +255,19 @@ def test_the_equivalent_command_rebuilds_the_configuration():
     rebuilt = TrainConfig(**{**args, "progress": cfg.progress}).resolved()
     assert asdict(rebuilt) == asdict(cfg.resolved())
     assert "--lr 0.5" in command and "--weight-decay" not in command  # only what was chosen
+
+
+def test_the_runs_own_knn_names_the_precision_auto_resolved_to(tmp_path):
+    """Without a kNN pass at export, the card takes the run's evaluation at the checkpoint's step,
+    and says which precision measured it: what "auto" became on that machine, not "auto"."""
+    records = [
+        {"kind": "start", "config": {"precision": "auto"}, "precision": "fp32"},
+        {"kind": "eval", "step": 3, "knn_top1_k20": 0.5, "knn_top1_k200": 0.4},
+        {"kind": "eval", "step": 6, "knn_top1_k20": 0.7, "knn_top1_k200": 0.6},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = TrainConfig(data=str(tmp_path / "imagenette"), knn_ks=(20, 200))
+    knn = export.knn_from_run({"step": 6}, cfg, tmp_path / "checkpoint.pt", "imagenette")
+    assert [(m["k"], m["top1"]) for m in knn] == [(20, 0.7), (200, 0.6)]
+    assert all(m["source"] == "trainer evaluation at step 6 (PyTorch, fp32 precision)" for m in knn)
+    assert export.knn_from_run({"step": 5}, cfg, tmp_path / "checkpoint.pt", "imagenette") == []
