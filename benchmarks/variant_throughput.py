@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedserve.package import Encoder, cpu_has_vnni, load_package  # noqa: E402
+from embedserve.package import Encoder, cpu_flags, cpu_has_vnni, load_package  # noqa: E402
 from embedserve.preprocess import preprocess  # noqa: E402
 
 IMAGENETTE_VAL = ROOT.parent / "shared" / "datasets" / "imagenette-160" / "val"
@@ -82,6 +82,7 @@ def main() -> None:
         "package": package.name,
         "threads": args.threads,
         "cpu_vnni": cpu_has_vnni(),
+        "cpu_avx2": "avx2" in cpu_flags(),
         "platform": platform.platform(),
         "unit": "images/s, preprocessed uint8 input, ONNX Runtime CPU",
         "input": f"{package.card['input']['height']}x{package.card['input']['width']}",

@@ -288,12 +288,39 @@ def test_an_encoder_refuses_input_of_the_wrong_size_or_type(models):
         encoder.embed(images(2)[:, :8])
 
 
+def test_cpu_flags_are_read_from_the_x86_and_arm_lines_of_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("model name\t: AMD EPYC avx512_vnni\nflags\t\t: fpu sse4_2 avx2 fma\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert pkg.cpu_flags(x86) == {"fpu", "sse4_2", "avx2", "fma"}  # not the model name's words
+    assert pkg.cpu_flags(arm) == {"fp", "asimd", "asimddp"}
+    assert pkg.cpu_flags(tmp_path / "missing") == set()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fast"),
+    [
+        ({"avx2", "avx512_vnni"}, True),
+        ({"avx2", "avx_vnni"}, True),
+        ({"avx2"}, True),  # u8s8 without VNNI: 1.5-1.8x fp32 measured on a Zen 3
+        ({"asimd", "asimddp"}, True),
+        ({"sse4_2", "avx"}, False),
+        ({"asimd"}, False),
+        (set(), False),  # not Linux: nothing known, fp32
+    ],
+)
+def test_int8_is_chosen_on_cpus_with_vnni_or_avx2(monkeypatch, flags, fast):
+    monkeypatch.setattr(pkg, "cpu_flags", lambda: flags)
+    assert pkg.cpu_runs_int8_fast() is fast
+
+
 def test_each_variant_is_chosen_by_device_and_verified_when_opened(models, monkeypatch):
     package = load_package("tiny", models)
     assert package.choose_variant("cuda") == "fp16"
-    monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(pkg, "cpu_runs_int8_fast", lambda: True)
     assert package.choose_variant("cpu") == "int8"
-    monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(pkg, "cpu_runs_int8_fast", lambda: False)
     assert package.choose_variant("cpu") == "fp32"
     for variant in package.variants:
         assert Encoder(package, variant=variant, device="cpu").variant == variant
