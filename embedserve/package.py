@@ -150,8 +150,8 @@ def cpu_has_vnni() -> bool:
 
 def cpu_runs_int8_fast() -> bool:
     """Whether ONNX Runtime's int8 convolutions beat fp32 on this CPU: with VNNI, and on x86 with
-    AVX2 alone (u8s8 through VPMADDUBSW: the default model's int8 file ran at 1.5-1.8x fp32 on a
-    Zen 3 core without VNNI, kNN top-1 within 0.2 point). Linux only: elsewhere fp32."""
+    AVX2 alone (u8s8 through VPMADDUBSW: the default model's int8 file ran at 1.35-1.76x fp32
+    on a Zen 3 core without VNNI, kNN top-1 within 0.2 point). Linux only: elsewhere fp32."""
     return cpu_has_vnni() or "avx2" in cpu_flags()
 
 
