@@ -7,12 +7,12 @@ For each method x backbone x image size, the same `Trainer.train_step` runs as
              arithmetic, AVX512-BF16 or AMX, else fp32; channels_last; the retained CPU
              allocator),
 and with --ablation also each optimization alone (fp32 + retained allocator; bf16 +
-channels_last with the system allocator, bf16 whatever the CPU). Every measurement runs in a fresh process (the
-allocator setting is process-wide), on synthetic uint8 batches (model compute only), and the
-configurations take turns, repeat after repeat, so that the shared machine's drift falls on all
-of them alike; each figure is the median over the repeats. It then measures whether data loading
-keeps up: the two-view augmentation pipeline alone (pairs/s by worker count) and the real
-loader feeding the real step.
+channels_last with the system allocator, bf16 whatever the CPU). Every measurement runs in a
+fresh process (the allocator setting is process-wide), on synthetic uint8 batches (model compute
+only), and the configurations take turns, repeat after repeat, so that the shared machine's
+drift falls on all of them alike; each figure is the median over the repeats. It then measures
+whether data loading keeps up: the two-view augmentation pipeline alone (pairs/s by worker
+count) and the real loader feeding the real step.
 
     python benchmarks/train_throughput.py                      # full grid -> benchmarks/results/train_throughput.json
     python benchmarks/train_throughput.py --methods simsiam --sizes 128 --repeats 3 --ablation

@@ -3,6 +3,9 @@
 Real photos (Imagenette val when present, else generated images) are preprocessed once; each
 variant then embeds batches of 1, 8 and 32 with ONNX Runtime on the CPU, warmed up, timed as the
 median of several repeats. Model compute only: decoding is the server benchmark's business.
+Then, on this CPU, how far each variant's embeddings are from fp32's (cosine per image, on
+--parity-images photos spread over all classes) against the min cosine its card allows: the
+card's parity was measured on the exporting machine, and int8 kernels differ by instruction set.
 
     python benchmarks/variant_throughput.py [--package NAME] [--threads 2]
     # -> benchmarks/results/variant_throughput.json
@@ -30,16 +33,47 @@ from embedserve.preprocess import preprocess  # noqa: E402
 IMAGENETTE_VAL = ROOT.parent / "shared" / "datasets" / "imagenette-160" / "val"
 
 
-def images(pre, n: int) -> np.ndarray:
+def images(pre, n: int, spread: bool = False) -> np.ndarray:
+    """n preprocessed photos: the first n of Imagenette val (spread: n picked evenly over all of
+    it), else generated images."""
     if IMAGENETTE_VAL.is_dir():
         paths = sorted(
             p for p in IMAGENETTE_VAL.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png")
-        )[:n]
-        return np.stack([preprocess(p, pre) for p in paths])
+        )
+        if spread:
+            paths = [
+                paths[i] for i in np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int)
+            ]
+        return np.stack([preprocess(p, pre) for p in paths[:n]])
     rng = np.random.default_rng(0)
     return np.stack(
         [preprocess(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8), pre) for _ in range(n)]
     )
+
+
+def variant_parity(package, data: np.ndarray, threads: int | None) -> dict[str, dict]:
+    """Per variant: cosine of its embeddings to fp32's on this CPU, and the share of images under
+    the min cosine of the card's parity tolerance."""
+
+    def embed(variant: str) -> np.ndarray:
+        enc = Encoder(package, variant=variant, device="cpu", intra_op_threads=threads)
+        return np.concatenate([enc.embed(data[i : i + 32]) for i in range(0, len(data), 32)])
+
+    reference = embed("fp32")
+    result = {}
+    for variant in package.variants:
+        if variant == "fp32":
+            continue
+        cos = (embed(variant) * reference).sum(1)
+        floor = package.card["variants"][variant]["parity"]["tolerance"]["min_cosine"]
+        result[variant] = {
+            "min_cosine": round(float(cos.min()), 4),
+            "p1_cosine": round(float(np.percentile(cos, 1)), 4),
+            "median_cosine": round(float(np.median(cos)), 5),
+            "card_min_cosine": floor,
+            "share_under_card_min": round(float((cos < floor).mean()), 4),
+        }
+    return result
 
 
 def main() -> None:
@@ -51,6 +85,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--images", type=int, default=256, help="images embedded per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--parity-images", type=int, default=1024, help="0: skip the parity check")
     p.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "variant_throughput.json")
     )
@@ -78,6 +113,15 @@ def main() -> None:
             row[f"{variant}_vs_fp32"] = round(row[f"{variant}_img_s"] / row["fp32_img_s"], 2)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs")}), flush=True)
         rows.append(row)
+    parity = (
+        variant_parity(
+            package, images(package.preprocess, args.parity_images, spread=True), args.threads
+        )
+        if args.parity_images
+        else {}
+    )
+    for variant, row in parity.items():
+        print(json.dumps({"parity": variant, **row}), flush=True)
     result = {
         "package": package.name,
         "threads": args.threads,
@@ -87,6 +131,9 @@ def main() -> None:
         "unit": "images/s, preprocessed uint8 input, ONNX Runtime CPU",
         "input": f"{package.card['input']['height']}x{package.card['input']['width']}",
         "rows": rows,
+        "parity": parity,
+        "parity_images": f"{args.parity_images} "
+        + ("Imagenette val photos, evenly spread" if IMAGENETTE_VAL.is_dir() else "generated"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

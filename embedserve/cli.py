@@ -49,7 +49,7 @@ def _add_engine_options(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument(
         "--variant",
         default="auto",
-        help="model variant: auto (int8 on a CPU with VNNI or AVX2, fp16 on CUDA), fp32, fp16 or int8",
+        help="model variant: auto (int8 on a VNNI CPU, fp16 on CUDA), fp32, fp16 or int8",
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
     p.add_argument(

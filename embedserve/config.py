@@ -47,7 +47,7 @@ class ServeConfig:
     models_dir: str | None = None  # None: the repository's models/
     # auto: CUDA when a CUDA session really starts, else the CPU; cuda: fail without a GPU.
     device: str = "auto"
-    # auto: fp16 on CUDA, int8 on a CPU with VNNI or AVX2 (when the package has them), else fp32.
+    # auto: fp16 on CUDA, int8 on a CPU with VNNI (when the package has them), else fp32.
     variant: str = "auto"
     # Adaptive batching: at most this many images per model call ...
     max_batch_size: int = 32

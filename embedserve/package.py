@@ -1,7 +1,7 @@
 """Model packages: the contract between training (which writes them) and serving (which loads them).
 
 A package is a folder `models/NAME/` holding `model.onnx` (fp32), optional variants
-(`model.fp16.onnx` for GPUs, `model.int8.onnx` for CPUs with VNNI or AVX2) and `card.json`, which
+(`model.fp16.onnx` for GPUs, `model.int8.onnx` for CPUs with VNNI) and `card.json`, which
 says everything the server needs: input size and layout, preprocessing, embedding size, the sha256 of
 every file, the measured parity and quality. `card.schema.json` beside this module defines the
 card; the exporter and this loader both validate against it.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -143,16 +144,26 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
     }
 
 
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "asimddp"}  # x86, x86, Arm
+
+
 def cpu_has_vnni() -> bool:
-    """Whether the CPU has VNNI int8 dot products (x86 AVX512-VNNI or AVX-VNNI, Arm dot product)."""
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "asimddp"})
+    """Whether the CPU has VNNI int8 dot products (x86 AVX512-VNNI or AVX-VNNI, Arm dot product),
+    where the int8 variant is both fast and within its card's parity.
+
+    Without VNNI, ONNX Runtime's x86 u8s8 kernels (AVX2's VPMADDUBSW) are still 1.35-1.76x fp32
+    but add pairs of products in saturating 16-bit lanes: on an AVX2-only Zen 3 the default
+    model's int8 embeddings of Imagenette val fell to a min cosine of 0.817 against fp32 (7% of
+    the images under the card's 0.99), so the choice there is fp32.
+    """
+    return bool(cpu_flags() & VNNI_FLAGS)
 
 
-def cpu_runs_int8_fast() -> bool:
-    """Whether ONNX Runtime's int8 convolutions beat fp32 on this CPU: with VNNI, and on x86 with
-    AVX2 alone (u8s8 through VPMADDUBSW: the default model's int8 file ran at 1.35-1.76x fp32
-    on a Zen 3 core without VNNI, kNN top-1 within 0.2 point). Linux only: elsewhere fp32."""
-    return cpu_has_vnni() or "avx2" in cpu_flags()
+INT8_WITHOUT_VNNI = (
+    "int8 on a CPU without VNNI: ONNX Runtime's u8s8 kernels saturate here, and embeddings can "
+    "differ from fp32 by more than the card's parity (min cosine 0.817 on Imagenette val on an "
+    "AVX2 CPU, against 0.99 in the card); variant auto or fp32 avoids this"
+)
 
 
 @dataclass(frozen=True)
@@ -208,9 +219,8 @@ class ModelPackage:
         return path
 
     def choose_variant(self, device: str) -> str:
-        """The variant to run on `device` ("cuda" or "cpu"): fp16 on CUDA, int8 on a CPU whose
-        int8 path is fast (VNNI or AVX2, see cpu_runs_int8_fast), when the package has them; fp32
-        otherwise."""
+        """The variant to run on `device` ("cuda" or "cpu"): fp16 on CUDA, int8 on a CPU with
+        VNNI (see cpu_has_vnni), when the package has them; fp32 otherwise."""
         preferred = VARIANT_FOR_DEVICE.get(device)
         if preferred is None:
             raise ValueError(
@@ -218,7 +228,7 @@ class ModelPackage:
             )
         if preferred not in self.card["variants"]:
             return FP32
-        if preferred == "int8" and not cpu_runs_int8_fast():
+        if preferred == "int8" and not cpu_has_vnni():
             return FP32
         return preferred
 
@@ -332,6 +342,8 @@ class Encoder:
         if self.session is None:
             self.variant = package.choose_variant("cpu") if variant == "auto" else variant
             self.session = self._open(options, ["CPUExecutionProvider"])
+            if self.variant == "int8" and not cpu_has_vnni():
+                warnings.warn(INT8_WITHOUT_VNNI, RuntimeWarning, stacklevel=2)
         self.providers: list[str] = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.input_name = package.card["input"]["name"]

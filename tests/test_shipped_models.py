@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedserve.package import Encoder, load_package
+from embedserve.package import Encoder, cpu_has_vnni, load_package
 from tests.conftest import make_pattern
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -35,23 +35,28 @@ def test_the_default_package_loads_and_every_variant_embeds():
 
 
 @pytest.mark.integration
-def test_the_default_package_embeds_real_photos_within_its_recorded_parity(imagenette):
+@pytest.mark.parametrize("variant", ["fp16", "int8"])
+def test_the_default_package_embeds_real_photos_within_its_recorded_parity(imagenette, variant):
     package = load_package(models_dir=MODELS)
+    assert variant in package.variants
+    if variant == "int8" and not cpu_has_vnni():
+        pytest.skip(
+            "no VNNI on this CPU: ONNX Runtime's int8 kernels saturate here (min cosine 0.817 on "
+            "an AVX2 Zen 3, README 'Speed'), so the card's int8 parity is a VNNI CPU's and the "
+            "server serves fp32 here"
+        )
     paths = sorted((imagenette / "val").rglob("*.jpg"))[::250][:16]
     assert len(paths) == 16
     fp32 = Encoder(package, variant="fp32", device="cpu", intra_op_threads=2)
     batch = fp32.embed_images(paths)
     singles = np.concatenate([fp32.embed_images([p]) for p in paths[:4]])
     np.testing.assert_allclose(batch[:4], singles, atol=1e-5)
-    for variant in package.variants:
-        if variant == "fp32":
-            continue
-        record = package.card["variants"][variant]
-        vectors = Encoder(package, variant=variant, device="cpu", intra_op_threads=2).embed_images(
-            paths
-        )
-        min_cosine = float((vectors * batch).sum(1).min())
-        assert min_cosine >= record["parity"]["tolerance"]["min_cosine"], (variant, min_cosine)
+    record = package.card["variants"][variant]
+    vectors = Encoder(package, variant=variant, device="cpu", intra_op_threads=2).embed_images(
+        paths
+    )
+    min_cosine = float((vectors * batch).sum(1).min())
+    assert min_cosine >= record["parity"]["tolerance"]["min_cosine"], (variant, min_cosine)
 
 
 @pytest.mark.integration

@@ -3,7 +3,7 @@
     python -m training.export --checkpoint runs/NAME/checkpoint.pt --out models/NAME
 
 writes `models/NAME/` = `model.onnx` (fp32) + `model.fp16.onnx` (GPUs) + `model.int8.onnx` (CPUs
-with VNNI or AVX2) + `card.json` (see embedserve/card.schema.json), after checking every file:
+with VNNI) + `card.json` (see embedserve/card.schema.json), after checking every file:
 ONNX Runtime (CPU) against PyTorch fp32 on real images preprocessed by `embedserve.preprocess`,
 and a batch of 8 against 8 single-image runs, within the tolerances of `TOLERANCES`; with labels,
 the kNN top-1 of each variant against model.onnx. A package that fails is not written and the

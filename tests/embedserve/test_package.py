@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -299,29 +300,40 @@ def test_cpu_flags_are_read_from_the_x86_and_arm_lines_of_cpuinfo(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flags", "fast"),
+    ("flags", "vnni"),
     [
         ({"avx2", "avx512_vnni"}, True),
         ({"avx2", "avx_vnni"}, True),
-        ({"avx2"}, True),  # u8s8 without VNNI: 1.35-1.76x fp32 measured on a Zen 3
         ({"asimd", "asimddp"}, True),
-        ({"sse4_2", "avx"}, False),
+        ({"avx2", "avx512f"}, False),  # u8s8 saturates without VNNI: off the card's parity
         ({"asimd"}, False),
         (set(), False),  # not Linux: nothing known, fp32
     ],
 )
-def test_int8_is_chosen_on_cpus_with_vnni_or_avx2(monkeypatch, flags, fast):
+def test_vnni_is_read_from_the_cpu_flags(monkeypatch, flags, vnni):
     monkeypatch.setattr(pkg, "cpu_flags", lambda: flags)
-    assert pkg.cpu_runs_int8_fast() is fast
+    assert pkg.cpu_has_vnni() is vnni
+
+
+def test_int8_asked_for_on_a_cpu_without_vnni_opens_with_a_warning(models, monkeypatch):
+    package = load_package("tiny", models)
+    monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: False)
+    with pytest.warns(RuntimeWarning, match="int8 on a CPU without VNNI.*card's parity"):
+        assert Encoder(package, variant="int8", device="cpu").variant == "int8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto picks fp32 there, silently
+        assert Encoder(package, variant="auto", device="cpu").variant == "fp32"
+        monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: True)
+        assert Encoder(package, variant="int8", device="cpu").variant == "int8"
 
 
 def test_each_variant_is_chosen_by_device_and_verified_when_opened(models, monkeypatch):
     package = load_package("tiny", models)
     assert package.choose_variant("cuda") == "fp16"
-    monkeypatch.setattr(pkg, "cpu_runs_int8_fast", lambda: True)
-    assert package.choose_variant("cpu") == "int8"
-    monkeypatch.setattr(pkg, "cpu_runs_int8_fast", lambda: False)
+    monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: False)
     assert package.choose_variant("cpu") == "fp32"
+    monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: True)
+    assert package.choose_variant("cpu") == "int8"
     for variant in package.variants:
         assert Encoder(package, variant=variant, device="cpu").variant == variant
     with pytest.raises(PackageError, match="no 'bf16' variant"):
