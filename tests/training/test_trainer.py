@@ -110,8 +110,8 @@ def fake_cpu(monkeypatch, *, avx512_bf16: bool, amx: bool) -> None:
 def test_auto_precision_on_the_cpu_is_bf16_only_where_the_cpu_has_bf16(
     monkeypatch, avx512_bf16, amx, expected
 ):
-    """An AVX2-only CPU emulates bf16 (a ResNet-18 forward pass 7x slower than fp32 on a Zen 3
-    core): auto must pick fp32 there."""
+    """An AVX2-only CPU emulates bf16 (a training step 14x slower than fp32 on a Zen 3 core,
+    benchmarks/results/train_throughput-avx2.json): auto must pick fp32 there."""
     fake_cpu(monkeypatch, avx512_bf16=avx512_bf16, amx=amx)
     assert resolve_precision("auto", torch.device("cpu")) == expected
 
