@@ -1,8 +1,8 @@
 """Model packages: the contract between training (which writes them) and serving (which loads them).
 
 A package is a folder `models/NAME/` holding `model.onnx` (fp32), optional variants
-(`model.fp16.onnx` for GPUs, `model.int8.onnx` for CPUs with VNNI) and `card.json`, which
-says everything the server needs: input size and layout, preprocessing, embedding size, the sha256 of
+(`model.fp16.onnx` for GPUs, `model.int8.onnx` for CPUs with VNNI) and `card.json`, which says
+everything the server needs: input size and layout, preprocessing, embedding size, the sha256 of
 every file, the measured parity and quality. `card.schema.json` beside this module defines the
 card; the exporter and this loader both validate against it.
 
@@ -136,12 +136,12 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
         lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
         return set()
-    return {
-        flag
-        for line in lines
-        if line.split(":", 1)[0].strip() in ("flags", "Features") and ":" in line
-        for flag in line.split(":", 1)[1].split()
-    }
+    flags: set[str] = set()
+    for line in lines:
+        key, colon, value = line.partition(":")
+        if colon and key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
 
 
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "asimddp"}  # x86, x86, Arm

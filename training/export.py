@@ -390,8 +390,8 @@ def knn_from_run(
         "bank_split": bank_split,
     }
     records = read_metrics(checkpoint.parent)
-    start = next((r for r in records if r.get("kind") == "start"), {})
-    precision = start.get("precision", cfg.precision)  # resolved "auto" (runs from 2026-11-23)
+    # the precision "auto" resolved to (logged by runs from 2026-11-23)
+    precision = run_start(records).get("precision", cfg.precision)
     for record in reversed(records):
         if record.get("kind") == "eval" and record.get("step") == ck.get("step"):
             return [
@@ -422,6 +422,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def run_start(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's start record (its config, device and precision), or {} when there is none."""
+    return next((r for r in records if r.get("kind") == "start"), {})
+
+
 def equivalent_command(config: dict[str, Any]) -> str:
     """A `python -m training.train` command with this configuration, rebuilt from the checkpoint:
     the flags whose values differ from what the command line would default to (values that
@@ -450,7 +455,7 @@ def equivalent_command(config: dict[str, Any]) -> str:
 
 def training_record(ck: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> dict[str, Any]:
     """The card's `training` section: whatever the checkpoint (and the run's log) records."""
-    start = next((r for r in read_metrics(checkpoint.parent) if r.get("kind") == "start"), {})
+    start = run_start(read_metrics(checkpoint.parent))
     epoch_times = [float(t) for t in ck.get("epoch_times", [])]
     command = (
         ck.get("command")
