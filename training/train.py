@@ -44,7 +44,7 @@ HELP = {
     "proj_hidden_dim": "BYOL projector hidden size (default 4096)",
     "proj_dim": "projection size (default: BYOL 256, SimSiam 2048)",
     "pred_hidden_dim": "predictor hidden size (default: BYOL 4096, SimSiam 512)",
-    "precision": "autocast: auto (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX; fp16 on CUDA without bf16; fp32 on other CPUs, which emulate bf16 slowly), bf16, fp16 or fp32",
+    "precision": "autocast: auto (bf16 on CUDA, and on CPUs with AVX512-BF16 or AMX where a convolution step measured at start-up runs >= 1.2x faster in bf16; fp16 on CUDA without bf16; fp32 on other CPUs, which emulate bf16 slowly or gain nothing from it), bf16, fp16 or fp32",
     "channels_last": "NHWC memory format for the convolutions",
     "device": "auto (CUDA when available), cpu or cuda",
     "cpu_allocator": "on the CPU, retain: glibc keeps freed memory for reuse instead of mapping and "

@@ -2,12 +2,14 @@
 atomic checkpoints and the command line."""
 
 import json
+import math
 import os
 
 import pytest
 import torch
 
 from training import checkpoint
+from training import trainer as trainer_module
 from training.config import TrainConfig
 from training.train import build_parser, main
 from training.trainer import Trainer, TrainingStopped, resolve_precision
@@ -98,9 +100,14 @@ def test_stop_after_zero_steps_saves_the_initialisation(image_folder, tmp_path):
     assert all(torch.equal(saved["model"][k], v) for k, v in init.items())
 
 
-def fake_cpu(monkeypatch, *, avx512_bf16: bool, amx: bool) -> None:
+def fake_cpu(monkeypatch, *, avx512_bf16: bool, amx: bool, bf16_speedup: float = 2.0) -> list:
+    """CPU flags as given, and a bf16 probe that measures `bf16_speedup`; returns the probe's
+    calls, so that a test can tell whether auto measured at all."""
+    calls = []
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(trainer_module, "cpu_bf16_speedup", lambda: calls.append(1) or bf16_speedup)
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -111,27 +118,51 @@ def test_auto_precision_on_the_cpu_is_bf16_only_where_the_cpu_has_bf16(
     monkeypatch, avx512_bf16, amx, expected
 ):
     """An AVX2-only CPU emulates bf16 (a training step 14x slower than fp32 on a Zen 3 core,
-    benchmarks/results/train_throughput-avx2.json): auto must pick fp32 there."""
-    fake_cpu(monkeypatch, avx512_bf16=avx512_bf16, amx=amx)
+    benchmarks/results/train_throughput-avx2.json): auto must pick fp32 there, without even
+    measuring."""
+    probe_calls = fake_cpu(monkeypatch, avx512_bf16=avx512_bf16, amx=amx, bf16_speedup=2.0)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert bool(probe_calls) == (avx512_bf16 or amx)
+
+
+@pytest.mark.parametrize(
+    ("speedup", "expected"), [(2.0, torch.bfloat16), (1.1, None), (0.55, None)]
+)
+def test_auto_precision_keeps_fp32_where_bf16_measures_no_faster(monkeypatch, speedup, expected):
+    """A Xeon that shows AVX512-BF16 but no AMX ran the step 0.8x as fast in bf16 as in fp32
+    (benchmarks/results/train_throughput-xeon.json): the flags alone would pick bf16 there."""
+    fake_cpu(monkeypatch, avx512_bf16=True, amx=False, bf16_speedup=speedup)
     assert resolve_precision("auto", torch.device("cpu")) == expected
 
 
+def test_the_bf16_probe_measures_a_ratio_and_leaves_the_global_rng_alone():
+    rng = torch.get_rng_state()
+    speedup = trainer_module.cpu_bf16_speedup.__wrapped__(reps=1)  # uncached, one timing each
+    assert math.isfinite(speedup) and speedup > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_an_explicit_precision_is_kept_whatever_the_cpu(monkeypatch):
-    fake_cpu(monkeypatch, avx512_bf16=False, amx=False)
+    probe_calls = fake_cpu(monkeypatch, avx512_bf16=True, amx=False, bf16_speedup=0.5)
     cpu = torch.device("cpu")
     assert resolve_precision("bf16", cpu) == torch.bfloat16
     assert resolve_precision("fp32", cpu) is None
+    assert not probe_calls
 
 
-@pytest.mark.parametrize(("bf16_cpu", "name"), [(False, "fp32"), (True, "bf16")])
+@pytest.mark.parametrize(
+    ("bf16_cpu", "speedup", "name", "recorded"),
+    [(False, 2.0, "fp32", None), (True, 2.0, "bf16", 2.0), (True, 0.8, "fp32", 0.8)],
+)
 def test_the_start_record_names_the_precision_auto_resolved_to(
-    image_folder, tmp_path, monkeypatch, bf16_cpu, name
+    image_folder, tmp_path, monkeypatch, bf16_cpu, speedup, name, recorded
 ):
-    fake_cpu(monkeypatch, avx512_bf16=bf16_cpu, amx=False)
+    fake_cpu(monkeypatch, avx512_bf16=bf16_cpu, amx=False, bf16_speedup=speedup)
     Trainer(small_config(image_folder, tmp_path, device="cpu", stop_after_steps=0)).fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in records if r["kind"] == "start")
     assert start["config"]["precision"] == "auto" and start["precision"] == name
+    assert start["cpu_bf16_speedup"] == recorded
 
 
 def test_a_diverging_run_stops_with_a_clear_message(image_folder, tmp_path):
