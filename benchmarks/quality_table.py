@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from embedserve.package import lineage_epochs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+TITLE_WIDTH = 48  # characters of a run name per title line at the plot's size and 9 pt
 
 # Published ResNet-18 figures, from ../shared/guide/REFERENCE.md ("Published results").
 PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
@@ -102,6 +104,8 @@ def summarize(
         "start_knn": init if before else None,
         "continues": before["name"] if before else None,
         "total_epochs": offset + final_epoch,
+        # the epochs (counted from the first run's start) at which each later schedule began
+        "restarts": (before["restarts"] + [offset]) if before else [],
         "linear": linear_top1(run, "linear_eval"),
         "random_init_linear": linear_top1(run, "random_init_linear_eval"),
         "published_knn": published.get("knn"),
@@ -140,6 +144,11 @@ def continued(
     return before
 
 
+def title_lines(name: str, width: int = TITLE_WIDTH) -> list[str]:
+    """A run name cut at its hyphens into lines that fit the plot's width (long names ran off)."""
+    return textwrap.wrap(name, width, break_on_hyphens=True)
+
+
 def plot(row: dict[str, Any], out: Path) -> Path:
     import matplotlib
 
@@ -151,15 +160,15 @@ def plot(row: dict[str, Any], out: Path) -> Path:
     xs = [p["epoch"] for p in row["curve"]]
     ys = [p["knn"] for p in row["curve"]]
     ax.plot(xs, ys, marker="o", label=f"{row['method']} (ours)")
-    if row.get("continues"):
-        restart = row["total_epochs"] - row["epochs"]
-        ax.axvline(restart, color="tab:red", ls="--", lw=1, label=f"new schedule at {restart}")
+    for i, restart in enumerate(row["restarts"]):
+        label = "new schedule at " + ", ".join(map(str, row["restarts"])) if i == 0 else None
+        ax.axvline(restart, color="tab:red", ls="--", lw=1, label=label)
     if row["random_init"] is not None:
         ax.axhline(row["random_init"], color="grey", ls=":", label="random init")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"kNN top-1 (k={row['knn_k']}, T={row['knn_temperature']})")
-    ax.set_title(f"{row['name']}")
+    ax.set_title("\n".join(title_lines(row["name"])), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -124,6 +124,7 @@ def test_a_run_started_from_another_counts_both_and_keeps_the_first_ones_baselin
     assert (row["epochs"], row["total_epochs"], row["knn_final"]) == (3, 5, 0.58)
     assert (row["knn_best"], row["knn_best_epoch"]) == (0.58, 5)  # counted from the first run
     assert row["random_init"] == 0.30 and row["start_knn"] == 0.51  # not the warm start
+    assert row["restarts"] == [2]
     assert (row["train_minutes"], row["total_train_minutes"]) == (6.0, 8.0)
     assert [(p["epoch"], p["knn"]) for p in row["curve"]] == [
         (0, 0.30),
@@ -176,9 +177,20 @@ def test_a_second_continuation_counts_the_whole_lineage(tmp_path, monkeypatch):
     assert row["random_init"] == 0.30  # the first run's, two schedules back
     assert (row["train_minutes"], row["total_train_minutes"]) == (4.0, 9.0)
     assert [p["epoch"] for p in row["curve"]] == [0, 1, 2, 2, 3, 4, 5, 5, 6, 7]
+    assert row["restarts"] == [2, 5]  # both later schedules, for the plot's markers
     assert "| c | byol | imagenette-160 | 5 + 2 = 7 |" in quality_table.markdown([row])
 
     # naming the first run instead of the one it started from is refused
     runs["c"]["continues"] = "a"
     with pytest.raises(ValueError, match="encoder of 5 epochs in all, not from a"):
         quality_table.summarize(runs["c"], k=20, runs=runs)
+
+
+def test_a_long_run_name_is_cut_at_its_hyphens_into_lines_that_fit_the_plot():
+    name = "barlow-twins-imagenette-40+38+20+18+24ep-bs64-lars0.25-crop0.4"
+    lines = quality_table.title_lines(name)
+    assert len(lines) == 2
+    assert all(len(line) <= quality_table.TITLE_WIDTH for line in lines)
+    assert "".join(lines) == name  # nothing dropped, only cut
+    assert all(line.endswith("-") for line in lines[:-1])  # at hyphens, not mid-word
+    assert quality_table.title_lines("simsiam-imagenette-5ep") == ["simsiam-imagenette-5ep"]
