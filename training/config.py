@@ -40,6 +40,7 @@ class TrainConfig:
     crop_scale: tuple[float, float] | None = (
         None  # RandomResizedCrop area range (default: the paper's)
     )
+    device_augment: bool = False  # photometric augmentations on the batch, on the device
     epochs: int = 100
     batch_size: int = 128  # global, over all ranks
     optimizer: str = "sgd"  # sgd | lars
@@ -68,6 +69,7 @@ class TrainConfig:
     out: str = "runs/run"
     seed: int = 0
     ckpt_every_steps: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    ckpt_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (and of the last)
     stop_after_steps: int | None = None  # stop (with a checkpoint) after N steps, as if interrupted
     log_every: int = 10  # steps between metric lines
     collapse_threshold: float = 0.02  # stop when the embedding spread stays below this (0: off)
@@ -102,6 +104,8 @@ class TrainConfig:
                 raise ValueError(
                     f"crop_scale must be MIN MAX with 0 < MIN <= MAX <= 1, not {c.crop_scale}"
                 )
+        if c.ckpt_every_epochs < 1:
+            raise ValueError(f"ckpt_every_epochs must be >= 1, not {c.ckpt_every_epochs}")
         if c.proj_dims is not None:
             c.proj_dims = tuple(c.proj_dims)
         return c

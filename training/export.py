@@ -102,11 +102,21 @@ class EmbeddingGraph(nn.Module):
 
 
 def load_encoder(path: str | os.PathLike) -> tuple[EmbeddingGraph, TrainConfig, dict[str, Any]]:
-    """The fp32 embedding graph (eval mode) of a trainer checkpoint, its config and the checkpoint."""
+    """The fp32 embedding graph (eval mode) of a trainer checkpoint, its config and the checkpoint.
+
+    Also takes an encoder-only checkpoint (`python -m training.checkpoint encoder`): the graph
+    needs the backbone alone.
+    """
     ck = ckpt_io.load(path)
     cfg = TrainConfig.from_dict(ck["config"]).resolved()
     model = build_model(cfg)
-    model.load_state_dict(ck["model"])
+    if ck.get("encoder_only"):
+        prefix = "backbone."
+        model.backbone.load_state_dict(
+            {k[len(prefix) :]: v.float() for k, v in ck["model"].items() if k.startswith(prefix)}
+        )
+    else:
+        model.load_state_dict(ck["model"])
     graph = EmbeddingGraph(model.backbone).float().to(memory_format=torch.contiguous_format)
     return graph.eval(), cfg, ck
 

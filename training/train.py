@@ -31,6 +31,10 @@ HELP = {
     "eval_resize": "shorter side before the centre crop at evaluation (default: --image-size)",
     "crop_scale": "area range MIN MAX of the training crops (RandomResizedCrop; default: the "
     "method's paper: 0.2 1 for simsiam, 0.08 1 for byol and barlow_twins)",
+    "device_augment": "apply the photometric augmentations (colour jitter, grayscale, blur, solarize) "
+    "to whole batches on the training device, each sample with its own parameters; the data "
+    "workers only crop and flip. What keeps a GPU fed: per-image colour jitter on the CPU is the "
+    "bottleneck there (7 ms per image pair and core against under 1 ms for crop and flip)",
     "epochs": "number of epochs (the schedule spans all of them)",
     "batch_size": "global batch size, split over the ranks",
     "optimizer": "sgd (short-budget default) or lars (the papers' large-batch optimizer)",
@@ -63,6 +67,8 @@ HELP = {
     "not --resume, which continues a run exactly",
     "seed": "seed of the initialisation, the split, the data order and the augmentations",
     "ckpt_every_steps": "also write the checkpoint every N steps (0: at the end of each epoch only)",
+    "ckpt_every_epochs": "write the checkpoint at the end of every N-th epoch and of the last "
+    "(1: every epoch; raise it where epochs take seconds, as on a GPU)",
     "stop_after_steps": "stop after N steps with a checkpoint, as if interrupted (resume with "
     "--resume); 0: the checkpoint of the random initialisation, before any step",
     "log_every": "steps between metric lines in metrics.jsonl",

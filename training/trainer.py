@@ -25,7 +25,7 @@ from tqdm import tqdm
 from embedserve.preprocess import Preprocess
 from training import checkpoint, warmstart
 from training.allocator import retain_freed_memory
-from training.augment import TwoViews
+from training.augment import BatchPhotometric, TwoViews
 from training.backbones import create_backbone
 from training.config import TrainConfig
 from training.data import (
@@ -37,6 +37,7 @@ from training.data import (
     TwoViewDataset,
     load_into_memory,
     load_splits,
+    sample_seed,
 )
 from training.distributed import DistInfo, all_reduce_mean, convert_sync_batchnorm, init_from_env
 from training.knn import knn_accuracy
@@ -243,6 +244,7 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -268,8 +270,15 @@ class Trainer:
             raise ValueError(
                 f"--batch-size {cfg.batch_size} must be a multiple of {self.dist.world_size} ranks, >= 2 each"
             )
-        self.dataset = TwoViewDataset(
-            train, TwoViews(cfg.method, cfg.image_size, cfg.crop_scale), cfg.seed
+        views = TwoViews(
+            cfg.method, cfg.image_size, cfg.crop_scale, photometric=not cfg.device_augment
+        )
+        self.dataset = TwoViewDataset(train, views, cfg.seed)
+        # --device-augment: the photometric half of each view, on the batch, on the device
+        self.photometric = (
+            tuple(BatchPhotometric(spec, cfg.image_size) for spec in views.specs)
+            if cfg.device_augment
+            else None
         )
         self.sampler = EpochSampler(
             len(train), per_rank_batch, cfg.seed, self.dist.rank, self.dist.world_size
@@ -331,6 +340,10 @@ class Trainer:
             # the BatchNorm statistics
             picks = np.linspace(0, len(self.dataset) - 1, min(len(self.dataset), 1024))
             views = torch.cat([torch.stack(self.dataset[int(i)]) for i in picks])
+            if self.photometric is not None:  # --device-augment: the rest of each view's recipe
+                gen = torch.Generator().manual_seed(self.cfg.seed)
+                first, second = (self.photometric[v](views[v::2], gen) for v in (0, 1))
+                views = torch.stack((first, second), 1).flatten(0, 1)
             pre = Preprocess(self.cfg.eval_resize, self.cfg.image_size, self.cfg.image_size)
             check = EvalDataset(self.train_samples, pre)
             check_images = torch.stack([check[i][0] for i in range(min(len(check), 32))])
@@ -374,6 +387,12 @@ class Trainer:
         """One optimizer step on a batch of uint8 view pairs; returns (loss, first-view projection)."""
         lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.cfg.lr)
         set_lr(self.optimizer, lr, self.cfg.lr)
+        if self.photometric is not None:
+            # seeded by (seed, rank, step) alone, so a resumed run draws the same views
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(sample_seed(self.cfg.seed, self.step, self.dist.rank))
+            x1 = self.photometric[0](x1.to(self.device, non_blocking=True), gen)
+            x2 = self.photometric[1](x2.to(self.device, non_blocking=True), gen)
         x1, x2 = self._prepare(x1), self._prepare(x2)
         with self._autocast():
             if isinstance(self.model, BYOL):  # the teacher runs outside the DDP-wrapped network
@@ -587,7 +606,8 @@ class Trainer:
                     self.log.write(
                         kind="epoch", epoch=self.epoch, step=self.step, seconds=self.epoch_times[-1]
                     )
-                self.save_checkpoint()
+                if self.epoch % cfg.ckpt_every_epochs == 0 or self.epoch == cfg.epochs:
+                    self.save_checkpoint()
                 if cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps:
                     stopped_early = self.epoch < cfg.epochs
                     break

@@ -199,4 +199,5 @@ def init_from_checkpoint(backbone: nn.Module, path: str | Path) -> dict[str, Any
         "epochs": state.get("epoch"),
         "command": cfg.get("extra", {}).get("command"),
         "init_from": state.get("init_from"),
+        **({"encoder_only": state["encoder_only"]} if state.get("encoder_only") else {}),
     }

@@ -287,3 +287,84 @@ def test_cli_trains_and_records_its_command(image_folder, tmp_path):
     assert tuple(ck["config"]["crop_scale"]) == (0.4, 1.0)
     assert ck["config"]["extra"]["command"] == "python -m training.train " + " ".join(argv)
     assert ck["epoch"] == 1 and ck["step"] == 6
+
+
+@pytest.mark.slow
+def test_device_augment_trains_and_resumes_exactly(image_folder, tmp_path):
+    """--device-augment: workers crop and flip, the batch gets the photometric half on the device
+    (the CPU here), with views drawn from (seed, step) so that a resumed run equals a straight one."""
+    straight = small_config(
+        image_folder, tmp_path / "straight", method="barlow_twins", device_augment=True
+    )
+    trainer = Trainer(straight)
+    assert trainer.photometric is not None
+    assert [type(t).__name__ for t in trainer.dataset.transform.view1.transforms][-1] == "ToDtype"
+    assert trainer.fit()["finished"]
+    Trainer(
+        small_config(
+            image_folder,
+            tmp_path / "resumed",
+            method="barlow_twins",
+            device_augment=True,
+            stop_after_steps=4,
+        )
+    ).fit()
+    Trainer(
+        small_config(image_folder, tmp_path / "resumed"),
+        resume=str(tmp_path / "resumed" / "checkpoint.pt"),
+    ).fit()
+    a = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")
+    b = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert b["config"]["device_augment"] and a["step"] == b["step"] == 12
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the views differ from those of the worker pipeline: the same seed without the flag trains
+    # other weights
+    Trainer(small_config(image_folder, tmp_path / "workers", method="barlow_twins")).fit()
+    c = checkpoint.load(tmp_path / "workers" / "checkpoint.pt")
+    assert not torch.equal(a["model"]["backbone.conv1.weight"], c["model"]["backbone.conv1.weight"])
+
+
+def test_checkpoints_every_n_epochs_and_at_the_last(image_folder, tmp_path, monkeypatch):
+    saved_at = []
+    real = Trainer.save_checkpoint
+    monkeypatch.setattr(
+        Trainer, "save_checkpoint", lambda self: saved_at.append(self.epoch) or real(self)
+    )
+    Trainer(small_config(image_folder, tmp_path, epochs=5, ckpt_every_epochs=2)).fit()
+    assert saved_at == [2, 4, 5]
+    with pytest.raises(ValueError, match="ckpt_every_epochs"):
+        small_config(image_folder, tmp_path, ckpt_every_epochs=0).resolved()
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_an_encoder_only_checkpoint_keeps_the_backbone_and_starts_a_run(
+    image_folder, tmp_path, fp16
+):
+    Trainer(small_config(image_folder, tmp_path / "run", epochs=1)).fit()
+    full = tmp_path / "run" / "checkpoint.pt"
+    slim = tmp_path / "encoder.pt"
+    assert checkpoint.main(["encoder", str(full), str(slim)] + (["--fp16"] if fp16 else [])) == 0
+    a, b = checkpoint.load(full), checkpoint.load(slim)
+    assert set(b["model"]) == {k for k in a["model"] if k.startswith("backbone.")}
+    assert "optimizer" not in b and b["epoch"] == 1 and b["encoder_only"]["fp16"] == fp16
+    assert slim.stat().st_size < full.stat().st_size / (4 if fp16 else 2)
+    w_full, w_slim = a["model"]["backbone.conv1.weight"], b["model"]["backbone.conv1.weight"]
+    assert w_slim.dtype == (torch.float16 if fp16 else torch.float32)
+    torch.testing.assert_close(w_slim.float(), w_full, atol=1e-3 if fp16 else 0, rtol=0)
+    # --init-from the encoder-only checkpoint: the new run's encoder holds its weights
+    run = Trainer(small_config(image_folder, tmp_path / "next", init_from=str(slim)))
+    assert run.init_record["kind"] == "checkpoint" and run.init_record["epochs"] == 1
+    assert torch.equal(run.model.backbone.conv1.weight.detach(), w_slim.float())
+    # and training.export builds the same embedding graph from it as from the full checkpoint
+    from training.export import load_encoder
+
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        want, got = load_encoder(full)[0](images), load_encoder(slim)[0](images)
+    torch.testing.assert_close(got, want, atol=2e-3 if fp16 else 1e-6, rtol=0)
+
+
+def test_encoder_only_refuses_a_checkpoint_without_an_encoder(tmp_path, capsys):
+    checkpoint.save_atomic({"model": {"projector.0.weight": torch.zeros(2)}}, tmp_path / "x.pt")
+    assert checkpoint.main(["encoder", str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]) == 2
+    assert "no backbone" in capsys.readouterr().err and not (tmp_path / "y.pt").exists()

@@ -14,6 +14,7 @@ from torch import nn
 
 from embedserve.package import sha256_file
 from training import checkpoint as ckpt_io
+from training import trainer as trainer_module
 from training.backbones import create_backbone
 from training.export import EmbeddingGraph, export_onnx, generated_images, training_record
 from training.train import main
@@ -157,3 +158,41 @@ def test_a_run_started_from_a_package_records_it_and_resumes_without_it(
     assert rec["kind"] == "checkpoint" and rec["init_from"]["name"] == "bt-test"
     for name, p in fresh.state_dict().items():
         torch.testing.assert_close(p, ck["model"]["backbone." + name])
+
+
+def test_device_augment_rebuilds_the_batchnorms_from_fully_augmented_views(
+    package, image_folder, tmp_path, monkeypatch
+):
+    """With --device-augment the workers' views are only cropped and flipped: the BatchNorm
+    statistics must still come from views with the photometric half applied, as in training."""
+    pkg, original = package
+    seen = {}
+    real = trainer_module.warmstart.init_from_package
+
+    def spy(backbone, package, views, prepare, check_images):
+        seen["views"] = views
+        return real(backbone, package, views, prepare, check_images)
+
+    monkeypatch.setattr(trainer_module.warmstart, "init_from_package", spy)
+    cfg = small_config(
+        image_folder,
+        tmp_path / "run",
+        method="barlow_twins",
+        init_from=str(pkg),
+        device_augment=True,
+        precision="fp32",
+    )
+    trainer = Trainer(cfg)
+    views = seen["views"]
+    assert views.dtype == torch.float32 and float(views.max()) <= 255.0
+    assert views.shape[0] == 2 * min(len(trainer.dataset), 1024)
+    # crop and flip alone give uint8 views; the colour jitter and blur make fractional values
+    assert not torch.equal(views, views.round())
+    x = Normalize()(uint8_nchw(8, seed=5))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            trainer.model.backbone.eval()(x.contiguous(memory_format=torch.channels_last)),
+            original(x),
+            rtol=1e-3,
+            atol=1e-4,
+        )
