@@ -69,6 +69,14 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+BACKBONE = "backbone."
+
+
+def backbone_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The backbone's own state dict (the model's backbone.* tensors, prefix removed)."""
+    return {k[len(BACKBONE) :]: v for k, v in state["model"].items() if k.startswith(BACKBONE)}
+
+
 def encoder_only(state: dict[str, Any], fp16: bool = False) -> dict[str, Any]:
     """A trainer checkpoint reduced to its encoder (the model's backbone.* tensors) and records.
 
@@ -76,10 +84,10 @@ def encoder_only(state: dict[str, Any], fp16: bool = False) -> dict[str, Any]:
     transfers; loaders cast them back to fp32. It cannot be resumed, only exported or used by
     --init-from.
     """
-    model = {}
-    for k, v in state["model"].items():
-        if k.startswith("backbone."):
-            model[k] = v.half() if fp16 and v.is_floating_point() else v
+    model = {
+        BACKBONE + k: v.half() if fp16 and v.is_floating_point() else v
+        for k, v in backbone_state(state).items()
+    }
     if not model:
         raise ValueError("the checkpoint's model has no backbone.* weights")
     kept = ("config", "step", "epoch", "best_knn", "epoch_times", "torch_version", "init_from")

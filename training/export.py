@@ -110,11 +110,8 @@ def load_encoder(path: str | os.PathLike) -> tuple[EmbeddingGraph, TrainConfig, 
     ck = ckpt_io.load(path)
     cfg = TrainConfig.from_dict(ck["config"]).resolved()
     model = build_model(cfg)
-    if ck.get("encoder_only"):
-        prefix = "backbone."
-        model.backbone.load_state_dict(
-            {k[len(prefix) :]: v.float() for k, v in ck["model"].items() if k.startswith(prefix)}
-        )
+    if ck.get("encoder_only"):  # fp16 weights are cast back by load_state_dict
+        model.backbone.load_state_dict(ckpt_io.backbone_state(ck))
     else:
         model.load_state_dict(ck["model"])
     graph = EmbeddingGraph(model.backbone).float().to(memory_format=torch.contiguous_format)

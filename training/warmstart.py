@@ -185,8 +185,7 @@ def _parity(backbone: nn.Module, model_path: Path, images: torch.Tensor) -> floa
 def init_from_checkpoint(backbone: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load the backbone of a training checkpoint (heads, optimizer and schedule start afresh)."""
     state = checkpoint.load(path)
-    prefix = "backbone."
-    weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    weights = checkpoint.backbone_state(state)
     if not weights:
         raise ValueError(f"--init-from {path}: the checkpoint's model has no backbone.* weights")
     backbone.load_state_dict(weights)

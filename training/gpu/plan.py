@@ -37,14 +37,15 @@ def plan(folder: Path, env: dict[str, str]) -> tuple[int, str]:
     images = start["train_images"] + start["held_out_images"]
     eval_s = evals[-1]["eval_seconds"] * full_eval / images if evals else 10.0
     # the first epoch warms up (cuDNN autotuning, worker start): the later ones are the rate
-    epoch_s = statistics.median(epochs_a[1:] or epochs_a) * full_steps / start["steps_per_epoch"]
+    later_a = statistics.median(epochs_a[1:] or epochs_a)
+    epoch_s = later_a * full_steps / start["steps_per_epoch"]
     fixed = max(40.0, wall_a - sum(epochs_a) - sum(e["eval_seconds"] for e in evals)) * 1.3 + 15
     epochs = int((budget - fixed - eval_s) / (epoch_s * 1.05 + eval_s / eval_every))
     epochs = max(int(env.get("MIN_EPOCHS", 10)), min(int(env.get("MAX_EPOCHS", 400)), epochs))
     later_b = statistics.median(epochs_b[1:] or epochs_b) if epochs_b else float("nan")
     note = (
         f"# device-augment epochs {epochs_a} s, workers-only {epochs_b} s "
-        f"({start['steps_per_epoch']} steps); workers / device-augment {later_b / statistics.median(epochs_a[1:] or epochs_a):.2f}x; "
+        f"({start['steps_per_epoch']} steps); workers / device-augment {later_b / later_a:.2f}x; "
         f"full epoch {epoch_s:.1f} s, evaluation {eval_s:.1f} s, fixed {fixed:.0f} s, budget {budget:.0f} s "
         f"(walls {wall_a:.0f} s / {wall_b:.0f} s)"
     )
