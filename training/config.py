@@ -48,6 +48,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float | None = None  # default: 5e-4 (sgd), 1.5e-6 (lars)
     warmup_epochs: float | None = None  # default: 0 for SimSiam, else min(10, 10% of epochs)
+    head_warmup_epochs: float = 0.0  # first epochs train the heads only, the encoder frozen
     lambd: float = 0.0051  # Barlow Twins off-diagonal weight
     tau_base: float = 0.99  # BYOL's initial EMA decay (0.996 for long runs)
     proj_dims: tuple[int, ...] | None = None  # Barlow Twins projector layers
@@ -104,6 +105,11 @@ class TrainConfig:
                 raise ValueError(
                     f"crop_scale must be MIN MAX with 0 < MIN <= MAX <= 1, not {c.crop_scale}"
                 )
+        if not 0 <= c.head_warmup_epochs < c.epochs:
+            raise ValueError(
+                f"head_warmup_epochs must be >= 0 and below epochs ({c.epochs}), "
+                f"not {c.head_warmup_epochs}"
+            )
         if c.ckpt_every_epochs < 1:
             raise ValueError(f"ckpt_every_epochs must be >= 1, not {c.ckpt_every_epochs}")
         if c.proj_dims is not None:

@@ -42,6 +42,11 @@ HELP = {
     "momentum": "SGD/LARS momentum",
     "weight_decay": "weight decay, never on biases and norm parameters (default: 5e-4 sgd, 1.5e-6 lars)",
     "warmup_epochs": "linear warm-up before the cosine decay (default: 0 for simsiam, else min(10, 10%% of epochs))",
+    "head_warmup_epochs": "train only the heads (projector, predictor) for the first E epochs, "
+    "at the peak learning rate, the encoder frozen (no gradient, its BatchNorm statistics still "
+    "updated); the encoder's warm-up and cosine then span the remaining epochs. For --init-from, "
+    "whose heads start random: fitted heads first keep their random gradients out of the "
+    "trained encoder (0: off)",
     "lambd": "Barlow Twins weight of the off-diagonal term",
     "tau_base": "BYOL initial EMA decay, raised to 1 by a cosine schedule",
     "proj_dims": "Barlow Twins projector layer sizes (default 2048 2048 2048)",

@@ -286,6 +286,13 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        # --head-warmup-epochs: the heads alone first; the encoder's schedule starts after them
+        self.head_steps = round(cfg.head_warmup_epochs * self.steps_per_epoch)
+        if self.head_steps and self.dist.enabled:
+            raise ValueError(
+                "--head-warmup-epochs needs a single process: DistributedDataParallel cannot "
+                "freeze the encoder for part of a run"
+            )
 
         model = build_model(cfg, distributed=self.dist.enabled)
         self.init_record = self.resume_state.get("init_from") if self.resume_state else None
@@ -385,7 +392,17 @@ class Trainer:
 
     def train_step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a batch of uint8 view pairs; returns (loss, first-view projection)."""
-        lr = warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.cfg.lr)
+        heads_only = self.step < self.head_steps
+        self._freeze_encoder(heads_only)
+        if heads_only:
+            lr = self.cfg.lr
+        else:
+            lr = warmup_cosine(
+                self.step - self.head_steps,
+                self.total_steps - self.head_steps,
+                self.warmup_steps,
+                self.cfg.lr,
+            )
         set_lr(self.optimizer, lr, self.cfg.lr)
         if self.photometric is not None:
             # seeded by (seed, rank, step) alone, so a resumed run draws the same views
@@ -411,6 +428,16 @@ class Trainer:
         if isinstance(self.model, BYOL):
             self.model.update_teacher(self.step, self.total_steps)
         return loss.detach(), z
+
+    def _freeze_encoder(self, frozen: bool) -> None:
+        """Freeze or release the encoder's parameters (--head-warmup-epochs).
+
+        A frozen encoder builds no autograd graph (its forward pass costs no activation memory
+        and its backward pass is skipped), gets no gradient, so neither the optimizer nor weight
+        decay touches it; in training mode its BatchNorm running statistics still follow the
+        batches."""
+        for p in self.model.backbone.parameters():
+            p.requires_grad_(not frozen)
 
     def _check_health(self, loss: float, spread: float) -> None:
         if not math.isfinite(loss):

@@ -368,3 +368,46 @@ def test_encoder_only_refuses_a_checkpoint_without_an_encoder(tmp_path, capsys):
     checkpoint.save_atomic({"model": {"projector.0.weight": torch.zeros(2)}}, tmp_path / "x.pt")
     assert checkpoint.main(["encoder", str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]) == 2
     assert "no backbone" in capsys.readouterr().err and not (tmp_path / "y.pt").exists()
+
+
+def test_head_warmup_trains_the_heads_alone_then_the_encoder(image_folder, tmp_path):
+    """--head-warmup-epochs 1 of 2: the first epoch (6 steps) leaves every encoder weight as it
+    was and moves the projector, at the peak lr; the encoder's own warm-up and cosine then run
+    over the second epoch, and a run resumed at the boundary carries on into it."""
+    cfg = small_config(
+        image_folder,
+        tmp_path,
+        method="barlow_twins",
+        lr=0.1,
+        warmup_epochs=0.5,
+        head_warmup_epochs=1,
+        stop_after_steps=6,
+    )
+    trainer = Trainer(cfg)
+    encoder = {k: v.clone() for k, v in trainer.model.backbone.named_parameters()}
+    stats = {k: v.clone() for k, v in trainer.model.backbone.named_buffers() if "running" in k}
+    heads = {k: v.clone() for k, v in trainer.model.projector.named_parameters()}
+    assert not trainer.fit()["finished"]
+    after = checkpoint.load(tmp_path / "checkpoint.pt")["model"]
+    assert all(torch.equal(after[f"backbone.{k}"], v) for k, v in encoder.items())
+    assert any(not torch.equal(after[f"backbone.{k}"], v) for k, v in stats.items())
+    assert all(not torch.equal(after[f"projector.{k}"], v) for k, v in heads.items())
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in lines if r["kind"] == "train"] == [0.1] * 6
+
+    resumed = Trainer(small_config(image_folder, tmp_path), resume=str(tmp_path / "checkpoint.pt"))
+    assert resumed.fit()["finished"]
+    final = checkpoint.load(tmp_path / "checkpoint.pt")["model"]
+    assert all(not torch.equal(final[f"backbone.{k}"], v) for k, v in encoder.items() if v.ndim > 1)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    encoder_lrs = [r["lr"] for r in lines if r["kind"] == "train"][6:]
+    # the encoder's schedule restarts at step 6: warm-up over 3 steps from 0, then cosine down
+    assert encoder_lrs[:3] == pytest.approx([0.0, 0.1 / 3, 0.2 / 3])
+    assert encoder_lrs[3] == pytest.approx(0.1) and encoder_lrs[3:] == sorted(encoder_lrs[3:])[::-1]
+
+
+@pytest.mark.parametrize("head_warmup_epochs", [-1, 2, 3.5])
+def test_head_warmup_must_leave_epochs_for_the_encoder(tmp_path, head_warmup_epochs):
+    cfg = TrainConfig(epochs=2, head_warmup_epochs=head_warmup_epochs)
+    with pytest.raises(ValueError, match="head_warmup_epochs must be >= 0 and below epochs"):
+        cfg.resolved()
