@@ -393,7 +393,9 @@ class Trainer:
     def train_step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a batch of uint8 view pairs; returns (loss, first-view projection)."""
         heads_only = self.step < self.head_steps
-        self._freeze_encoder(heads_only)
+        if self.head_steps and self.step <= self.head_steps:
+            # frozen through the heads-only steps (a resumed run's too), released at the boundary
+            self._freeze_encoder(heads_only)
         if heads_only:
             lr = self.cfg.lr
         else:
