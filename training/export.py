@@ -84,6 +84,9 @@ VARIANTS = {  # name -> (file, target device, precision)
 }
 
 
+CALIB_PERCENTILE = 99.999  # int8 activation ranges: this percentile of |x| on calibration images
+
+
 class ExportRefused(RuntimeError):
     """A check failed: the package was not written (the message says which and by how much)."""
 
@@ -183,8 +186,12 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
 
 
 def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, scratch: Path) -> dict[str, Any]:
-    """Static int8 quantization in QDQ format, calibrated (min/max) on uint8 NHWC images: int8
-    per-channel weights and uint8 activations, the u8s8 form that VNNI instructions compute."""
+    """Static int8 quantization in QDQ format, calibrated on uint8 NHWC images: int8 per-channel
+    weights and uint8 activations, the u8s8 form that VNNI instructions compute. Activation
+    ranges are the 99.999th percentile of |x| over the calibration images, not their min/max:
+    one outlier then no longer widens a whole tensor's quantization step. On the 243-epoch
+    Barlow Twins model, against model.onnx on 505 train images outside the calibration set, it
+    gave min cosine 0.9962 and max abs diff 0.038 where min/max gave 0.9952 and 0.044."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -213,7 +220,8 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, scratch: Path) 
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options={"CalibPercentile": CALIB_PERCENTILE},
     )
     onnx.checker.check_model(str(dst), full_check=True)
     return {
@@ -221,7 +229,11 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, scratch: Path) 
         "format": "QDQ",
         "weights": "int8 per channel",
         "activations": "uint8 per tensor",
-        "calibration": {"method": "MinMax", "images": len(calibration)},
+        "calibration": {
+            "method": "Percentile",
+            "percentile": CALIB_PERCENTILE,
+            "images": len(calibration),
+        },
     }
 
 
