@@ -251,7 +251,7 @@ def test_eval_on_a_slice_of_imagenette(imagenette, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["gallery"]["images"] == 150 and report["queries"]["images"] == 40
     knn = {(r["k"], r["temperature"]): r["top1"] for r in report["knn"]}
-    # chance is 0.1; the default model (243 epochs) gets 0.825 here
+    # chance is 0.1; the 243-epoch default model got 0.825 here
     assert knn[20, 0.07] > 0.15
 
 
