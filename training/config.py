@@ -30,6 +30,7 @@ class TrainConfig:
     backbone: str = "resnet18"
     cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (32x32 images)
     init_from: str | None = None  # start the encoder from a model package or a checkpoint
+    init_heads_from: str | None = None  # with init_from: the heads from a checkpoint, not fresh
     zero_init_residual: bool = (
         True  # residual blocks start as identity (official SimSiam/Barlow Twins code)
     )
@@ -109,6 +110,11 @@ class TrainConfig:
             raise ValueError(
                 f"head_warmup_epochs must be >= 0 and below epochs ({c.epochs}), "
                 f"not {c.head_warmup_epochs}"
+            )
+        if c.init_heads_from is not None and c.init_from is None:
+            raise ValueError(
+                "init_heads_from needs init_from: it replaces the fresh heads of a new run "
+                "started from an earlier encoder"
             )
         if c.ckpt_every_epochs < 1:
             raise ValueError(f"ckpt_every_epochs must be >= 1, not {c.ckpt_every_epochs}")

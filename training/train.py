@@ -70,6 +70,10 @@ HELP = {
     "init_from": "start the encoder from an exported model package (models/NAME) or a training "
     "checkpoint: a new run (own schedule, fresh heads) from those weights, recorded in the card; "
     "not --resume, which continues a run exactly",
+    "init_heads_from": "with --init-from: start the heads (projector, predictor) from this "
+    "training checkpoint of the same method and sizes instead of afresh, so that the encoder is "
+    "not trained through random heads at the start (a fresh projector costs a restart 0.3-2 "
+    "kNN points); the encoder still comes from --init-from",
     "seed": "seed of the initialisation, the split, the data order and the augmentations",
     "ckpt_every_steps": "also write the checkpoint every N steps (0: at the end of each epoch only)",
     "ckpt_every_epochs": "write the checkpoint at the end of every N-th epoch and of the last "

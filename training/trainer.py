@@ -298,6 +298,10 @@ class Trainer:
         self.init_record = self.resume_state.get("init_from") if self.resume_state else None
         if cfg.init_from and self.resume_state is None:
             self.init_record = self._init_weights(model, cfg.init_from)
+            if cfg.init_heads_from:
+                heads = warmstart.init_heads_from_checkpoint(model, cfg.init_heads_from, cfg.method)
+                self.init_record = {**self.init_record, "heads_from": heads}
+                tqdm.write(f"initialised the heads from {cfg.init_heads_from}: {json.dumps(heads)}")
         if self.dist.enabled:
             model = convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)

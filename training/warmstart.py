@@ -200,3 +200,45 @@ def init_from_checkpoint(backbone: nn.Module, path: str | Path) -> dict[str, Any
         "init_from": state.get("init_from"),
         **({"encoder_only": state["encoder_only"]} if state.get("encoder_only") else {}),
     }
+
+
+def _is_encoder(key: str) -> bool:
+    return key.startswith(checkpoint.BACKBONE) or key.startswith("teacher_" + checkpoint.BACKBONE)
+
+
+def init_heads_from_checkpoint(model: nn.Module, path: str | Path, method: str) -> dict[str, Any]:
+    """Load the heads (every weight outside the encoder) of a training checkpoint into `model`.
+
+    A restart from an exported package otherwise begins with random heads, and the first
+    gradients through them move the encoder away from where it was. Heads trained with a
+    nearby encoder (an earlier restart from the same package, say) start close to adapted. The
+    checkpoint must be of the same method, with heads of the same sizes.
+    """
+    state = checkpoint.load(path)
+    theirs = state.get("config", {}).get("method")
+    if theirs != method:
+        raise ValueError(f"--init-heads-from {path}: a {theirs} checkpoint, this run is {method}")
+    heads = {k: v for k, v in state["model"].items() if not _is_encoder(k)}
+    ours = {k: v for k, v in model.state_dict().items() if not _is_encoder(k)}
+    if not heads:
+        raise ValueError(f"--init-heads-from {path}: the checkpoint has no head weights")
+    if heads.keys() != ours.keys():
+        missing, extra = sorted(ours.keys() - heads.keys()), sorted(heads.keys() - ours.keys())
+        raise ValueError(
+            f"--init-heads-from {path}: the heads differ; missing {missing[:4]}, "
+            f"unexpected {extra[:4]}"
+        )
+    for k, v in heads.items():
+        if v.shape != ours[k].shape:
+            raise ValueError(
+                f"--init-heads-from {path}: {k} is {tuple(v.shape)} there and "
+                f"{tuple(ours[k].shape)} here (check --proj-dims and the other head sizes)"
+            )
+    model.load_state_dict(heads, strict=False)  # BYOL: the teacher's projector comes too
+    return {
+        "path": str(path),
+        "checkpoint_sha256": sha256_file(path),
+        "epochs": state.get("epoch"),
+        "tensors": len(heads),
+        "command": state.get("config", {}).get("extra", {}).get("command"),
+    }

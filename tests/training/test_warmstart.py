@@ -196,3 +196,79 @@ def test_device_augment_rebuilds_the_batchnorms_from_fully_augmented_views(
             rtol=1e-3,
             atol=1e-4,
         )
+
+
+def _random_checkpoint(image_folder, out: Path, **overrides) -> Path:
+    """The checkpoint of a run's random initialisation (--stop-after-steps 0: no step taken)."""
+    cfg = small_config(image_folder, out, stop_after_steps=0, precision="fp32", **overrides)
+    Trainer(cfg).fit()
+    return out / "checkpoint.pt"
+
+
+def _part(state: dict, prefix: str) -> dict:
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("method", ["barlow_twins", "byol"])
+def test_init_heads_from_takes_the_heads_of_one_checkpoint_and_the_encoder_of_another(
+    image_folder, tmp_path, method
+):
+    encoder_src = _random_checkpoint(image_folder, tmp_path / "a", method=method, seed=1)
+    heads_src = _random_checkpoint(image_folder, tmp_path / "b", method=method, seed=2)
+    a, b = ckpt_io.load(encoder_src)["model"], ckpt_io.load(heads_src)["model"]
+    cfg = small_config(
+        image_folder,
+        tmp_path / "run",
+        method=method,
+        init_from=str(encoder_src),
+        init_heads_from=str(heads_src),
+        precision="fp32",
+    )
+    trainer = Trainer(cfg)
+    ours = trainer.model.state_dict()
+    heads = [k for k in ours if not k.startswith(("backbone.", "teacher_backbone."))]
+    assert heads and any(k.startswith("projector.") for k in heads)
+    if method == "byol":  # the predictor and the teacher's projector come with the heads
+        assert any(k.startswith("predictor.") for k in heads)
+        assert any(k.startswith("teacher_projector.") for k in heads)
+    for k in heads:
+        torch.testing.assert_close(ours[k], b[k], msg=k)
+    differs = [k for k in heads if ours[k].is_floating_point() and not torch.equal(a[k], b[k])]
+    assert differs  # the two sources' heads differ: the test can tell which one was loaded
+    for k, v in _part(ours, "backbone.").items():
+        torch.testing.assert_close(v, a[k], msg=k)
+    rec = trainer.init_record["heads_from"]
+    assert rec["path"] == str(heads_src) and rec["checkpoint_sha256"] == sha256_file(heads_src)
+    assert rec["tensors"] == len(heads)
+
+
+def test_init_heads_from_refuses_other_methods_other_sizes_and_a_missing_init_from(
+    image_folder, tmp_path
+):
+    bt = _random_checkpoint(image_folder, tmp_path / "bt", method="barlow_twins")
+    simsiam = _random_checkpoint(image_folder, tmp_path / "ss", method="simsiam")
+    with pytest.raises(ValueError, match="a simsiam checkpoint, this run is barlow_twins"):
+        Trainer(
+            small_config(
+                image_folder,
+                tmp_path / "r1",
+                method="barlow_twins",
+                init_from=str(bt),
+                init_heads_from=str(simsiam),
+            )
+        )
+    with pytest.raises(
+        ValueError, match=r"projector\.linear0\.weight is \(128, 512\) there and \(64, 512\)"
+    ):
+        Trainer(
+            small_config(
+                image_folder,
+                tmp_path / "r2",
+                method="barlow_twins",
+                init_from=str(bt),
+                init_heads_from=str(bt),
+                proj_dims=(64, 64, 64),
+            )
+        )
+    with pytest.raises(ValueError, match="init_heads_from needs init_from"):
+        small_config(image_folder, tmp_path / "r3", init_heads_from=str(bt)).resolved()
