@@ -498,6 +498,8 @@ def training_record(ck: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> d
         "checkpoint": {"path": str(checkpoint), "sha256": pkg.sha256_file(checkpoint)},
         "init_from": ck.get("init_from"),
         "total_epochs": int(ck.get("epoch", 0)) + pkg.lineage_epochs(ck.get("init_from")),
+        # training.average: the encoder is a weighted average of these checkpoints' encoders
+        **({"averaged_from": ck["averaged_from"]} if ck.get("averaged_from") else {}),
     }
 
 
