@@ -84,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         state = checkpoint.load(path)
         cfg = TrainConfig.from_dict(state.get("config", {}))
         backbone, _ = create_backbone(cfg.backbone, cifar_stem=cfg.cifar_stem)
-        backbone.load_state_dict(
-            {
-                k: v.float() if v.is_floating_point() else v
-                for k, v in checkpoint.backbone_state(state).items()
-            }
-        )
+        backbone.load_state_dict(checkpoint.backbone_state(state))  # fp16 copies: cast on copy
         backbone = backbone.eval().to(memory_format=torch.channels_last)
         bf16 = args.precision == "bf16"
         bank = features(backbone, train, pre, bf16)

@@ -41,13 +41,9 @@ def test_leave_one_out_of_separated_clusters_is_perfect_and_chunking_changes_not
 
 @pytest.mark.slow
 def test_the_script_prints_one_line_per_checkpoint(image_folder, tmp_path, capsys):
-    from training.trainer import Trainer
+    from .training.test_trainer import init_checkpoint
 
-    from .training.test_trainer import small_config
-
-    cfg = small_config(image_folder, tmp_path / "run", stop_after_steps=0, precision="fp32")
-    Trainer(cfg).fit()
-    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    ckpt = str(init_checkpoint(image_folder, tmp_path / "run"))
     argv = [ckpt, ckpt, "--data", str(image_folder), "--image-size", "32", "--k", "5"]
     assert checkpoint_knn.main(argv) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from embedserve.package import sha256_file
+from embedserve.package import lineage_epochs, sha256_file
 from training import checkpoint
 from training.augment import TwoViews
 from training.backbones import create_backbone
@@ -125,6 +125,7 @@ def average_checkpoints(
         raise ValueError(
             f"the checkpoints come from different methods: {sorted(map(str, methods))}"
         )
+    weights = [1.0 / len(paths)] * len(paths) if weights is None else weights
     averaged = average_states(states, weights)
     main = loaded[-1]
     cfg = TrainConfig.from_dict(main["config"]).resolved()
@@ -137,7 +138,6 @@ def average_checkpoints(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()
     ):
         bn = {"recalibrated": True, **recalibrate_batchnorm(backbone, cfg, bn_images)}
-    used = weights or [1.0 / len(paths)] * len(paths)
     state = checkpoint.encoder_only(
         {**main, "model": {"backbone." + k: v for k, v in backbone.state_dict().items()}}
     )
@@ -147,20 +147,14 @@ def average_checkpoints(
                 "path": str(p),
                 "sha256": sha256_file(p),
                 "epochs": st.get("epoch"),
-                "total_epochs": int(st.get("epoch") or 0) + _lineage(st.get("init_from")),
+                "total_epochs": int(st.get("epoch") or 0) + lineage_epochs(st.get("init_from")),
                 "weight": round(float(w), 6),
             }
-            for p, st, w in zip(paths, loaded, used, strict=True)
+            for p, st, w in zip(paths, loaded, weights, strict=True)
         ],
         "batchnorm": bn,
     }
     return state
-
-
-def _lineage(source: dict[str, Any] | None) -> int:
-    from embedserve.package import lineage_epochs
-
-    return lineage_epochs(source)
 
 
 def main(argv: list[str] | None = None) -> int:

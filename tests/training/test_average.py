@@ -15,23 +15,17 @@ from training.average import _Views, average_checkpoints, average_states, main
 from training.config import TrainConfig
 from training.data import TwoViewDataset, load_splits
 from training.export import training_record
-from training.trainer import Normalize, Trainer
+from training.trainer import Normalize
 
-from .test_trainer import small_config
-
-
-def _checkpoint(image_folder, out: Path, **overrides) -> Path:
-    cfg = small_config(image_folder, out, stop_after_steps=0, precision="fp32", **overrides)
-    Trainer(cfg).fit()
-    return out / "checkpoint.pt"
+from .test_trainer import init_checkpoint
 
 
 @pytest.fixture(scope="module")
 def two(image_folder, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("avg")
     return (
-        _checkpoint(image_folder, root / "a", method="barlow_twins", seed=1),
-        _checkpoint(image_folder, root / "b", method="barlow_twins", seed=2),
+        init_checkpoint(image_folder, root / "a", method="barlow_twins", seed=1),
+        init_checkpoint(image_folder, root / "b", method="barlow_twins", seed=2),
     )
 
 
@@ -113,7 +107,7 @@ def test_the_command_refuses_one_checkpoint_other_methods_and_bad_weights(
     out = tmp_path / "avg.pt"
     assert main([str(out), str(two[0])]) == 2
     assert "at least two" in capsys.readouterr().err
-    simsiam = _checkpoint(image_folder, tmp_path / "ss", method="simsiam")
+    simsiam = init_checkpoint(image_folder, tmp_path / "ss", method="simsiam")
     assert main([str(out), str(two[0]), str(simsiam), "--bn-images", "0"]) == 2
     assert "different methods" in capsys.readouterr().err
     assert main([str(out), *map(str, two), "--weights", "1", "1"]) == 2

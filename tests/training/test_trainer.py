@@ -4,6 +4,7 @@ atomic checkpoints and the command line."""
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,12 @@ def small_config(data, out, **overrides) -> TrainConfig:
         **SMALL_HEADS,
     )
     return TrainConfig(**{**base, **overrides})
+
+
+def init_checkpoint(data, out, **overrides) -> Path:
+    """The checkpoint of a run's random initialisation (--stop-after-steps 0: no step taken)."""
+    Trainer(small_config(data, out, stop_after_steps=0, precision="fp32", **overrides)).fit()
+    return Path(out) / "checkpoint.pt"
 
 
 def train_losses(out) -> list[float]:

@@ -21,7 +21,7 @@ from training.train import main
 from training.trainer import Normalize, Trainer
 from training.warmstart import init_from_checkpoint, init_from_package, read_package
 
-from .test_trainer import small_config
+from .test_trainer import init_checkpoint, small_config
 
 SIZE = 32
 
@@ -198,13 +198,6 @@ def test_device_augment_rebuilds_the_batchnorms_from_fully_augmented_views(
         )
 
 
-def _random_checkpoint(image_folder, out: Path, **overrides) -> Path:
-    """The checkpoint of a run's random initialisation (--stop-after-steps 0: no step taken)."""
-    cfg = small_config(image_folder, out, stop_after_steps=0, precision="fp32", **overrides)
-    Trainer(cfg).fit()
-    return out / "checkpoint.pt"
-
-
 def _part(state: dict, prefix: str) -> dict:
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -213,8 +206,8 @@ def _part(state: dict, prefix: str) -> dict:
 def test_init_heads_from_takes_the_heads_of_one_checkpoint_and_the_encoder_of_another(
     image_folder, tmp_path, method
 ):
-    encoder_src = _random_checkpoint(image_folder, tmp_path / "a", method=method, seed=1)
-    heads_src = _random_checkpoint(image_folder, tmp_path / "b", method=method, seed=2)
+    encoder_src = init_checkpoint(image_folder, tmp_path / "a", method=method, seed=1)
+    heads_src = init_checkpoint(image_folder, tmp_path / "b", method=method, seed=2)
     a, b = ckpt_io.load(encoder_src)["model"], ckpt_io.load(heads_src)["model"]
     cfg = small_config(
         image_folder,
@@ -245,30 +238,25 @@ def test_init_heads_from_takes_the_heads_of_one_checkpoint_and_the_encoder_of_an
 def test_init_heads_from_refuses_other_methods_other_sizes_and_a_missing_init_from(
     image_folder, tmp_path
 ):
-    bt = _random_checkpoint(image_folder, tmp_path / "bt", method="barlow_twins")
-    simsiam = _random_checkpoint(image_folder, tmp_path / "ss", method="simsiam")
-    with pytest.raises(ValueError, match="a simsiam checkpoint, this run is barlow_twins"):
-        Trainer(
-            small_config(
-                image_folder,
-                tmp_path / "r1",
-                method="barlow_twins",
-                init_from=str(bt),
-                init_heads_from=str(simsiam),
-            )
+    bt = init_checkpoint(image_folder, tmp_path / "bt", method="barlow_twins")
+    simsiam = init_checkpoint(image_folder, tmp_path / "ss", method="simsiam")
+
+    def start(out: str, heads: Path, **overrides) -> None:
+        cfg = small_config(
+            image_folder,
+            tmp_path / out,
+            method="barlow_twins",
+            init_from=str(bt),
+            init_heads_from=str(heads),
+            **overrides,
         )
+        Trainer(cfg)
+
+    with pytest.raises(ValueError, match="a simsiam checkpoint, this run is barlow_twins"):
+        start("r1", simsiam)
     with pytest.raises(
         ValueError, match=r"projector\.linear0\.weight is \(128, 512\) there and \(64, 512\)"
     ):
-        Trainer(
-            small_config(
-                image_folder,
-                tmp_path / "r2",
-                method="barlow_twins",
-                init_from=str(bt),
-                init_heads_from=str(bt),
-                proj_dims=(64, 64, 64),
-            )
-        )
+        start("r2", bt, proj_dims=(64, 64, 64))
     with pytest.raises(ValueError, match="init_heads_from needs init_from"):
         small_config(image_folder, tmp_path / "r3", init_heads_from=str(bt)).resolved()
