@@ -10,6 +10,11 @@ queries on Imagenette, a standard error of about 0.45 point), `held` the usual m
 (training split as the gallery, val as the queries), printed for the record. Features are the
 backbone's in eval mode, preprocessed as the server does (resize, centre crop). One JSON line
 per checkpoint.
+
+A model package directory (`models/NAME`) is taken too: its encoder is rebuilt from the folded
+graph as `--init-from` does (exact in eval mode), so that it can be measured at other input
+sizes than its graph's, e.g. for the train/test resolution discrepancy (FixRes, Touvron et al.
+2019): `--image-size 160` feeds Imagenette's 160 px images whole.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embedserve.preprocess import Preprocess  # noqa: E402
-from training import checkpoint  # noqa: E402
+from training import checkpoint, warmstart  # noqa: E402
 from training.backbones import create_backbone  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import EvalDataset, Samples, load_splits  # noqa: E402
@@ -63,9 +68,29 @@ def leave_one_out_top1(
     return correct / len(z)
 
 
+def package_backbone(path: str, train: Samples) -> tuple[torch.nn.Module, dict]:
+    """The encoder of an exported package, rebuilt in PyTorch (training/warmstart.py); in eval
+    mode it computes the graph's function whatever images rebuild the BatchNorms."""
+    _, card = warmstart.read_package(path)
+    if card.get("backbone") is None:
+        raise ValueError(f"{path}: the card names no backbone")
+    backbone, _ = create_backbone(card["backbone"])
+    p = card["preprocess"]
+    pre = Preprocess(p["resize"], p["crop"]["height"], p["crop"]["width"])
+    ds = EvalDataset(train, pre)
+    picks = torch.linspace(0, len(ds) - 1, min(len(ds), 256)).long().tolist()
+    images = torch.stack([ds[i][0] for i in picks])
+    record = warmstart.init_from_package(backbone, path, images, Normalize(), images[:32])
+    return backbone, {"epoch": card.get("training", {}).get("epochs"), "package": record["name"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="training or encoder-only checkpoints, or package directories",
+    )
     p.add_argument("--data", required=True, help="class-per-folder directory with train/ and val/")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--eval-resize", type=int, help="shorter side before the crop (default: size)")
@@ -81,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     train_labels, held_labels = torch.as_tensor(train.labels), torch.as_tensor(held.labels)
     for path in args.checkpoints:
         t0 = time.perf_counter()
-        state = checkpoint.load(path)
-        cfg = TrainConfig.from_dict(state.get("config", {}))
-        backbone, _ = create_backbone(cfg.backbone, cifar_stem=cfg.cifar_stem)
-        backbone.load_state_dict(checkpoint.backbone_state(state))  # fp16 copies: cast on copy
+        if Path(path).is_dir():
+            backbone, state = package_backbone(path, train)
+        else:
+            state = checkpoint.load(path)
+            cfg = TrainConfig.from_dict(state.get("config", {}))
+            backbone, _ = create_backbone(cfg.backbone, cifar_stem=cfg.cifar_stem)
+            backbone.load_state_dict(checkpoint.backbone_state(state))  # fp16: cast on copy
         backbone = backbone.eval().to(memory_format=torch.channels_last)
         bf16 = args.precision == "bf16"
         bank = features(backbone, train, pre, bf16)

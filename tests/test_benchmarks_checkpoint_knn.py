@@ -49,3 +49,35 @@ def test_the_script_prints_one_line_per_checkpoint(image_folder, tmp_path, capsy
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert len(lines) == 2 and lines[0]["train_loo"] == lines[1]["train_loo"]
     assert 0 <= lines[0]["train_loo"] <= 1 and 0 <= lines[0]["held"] <= 1
+
+
+@pytest.mark.slow
+def test_a_package_measures_as_its_checkpoint_and_at_other_input_sizes(
+    image_folder, tmp_path, capsys
+):
+    from training.export import export_package
+    from training.trainer import Trainer
+
+    from .training.test_trainer import small_config
+
+    # after one step: the graph of an untrained network (BatchNorms at their identity
+    # initialisation) keeps no constant bias on its convolutions, which the rebuild needs
+    Trainer(
+        small_config(image_folder, tmp_path / "run", stop_after_steps=1, precision="fp32")
+    ).fit()
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    package = tmp_path / "models" / "bt"
+    export_package(
+        ckpt, package, variants=(), knn=False, data=str(image_folder), parity_images=8,
+        threads=1, log=lambda _: None,
+    )  # fmt: skip
+    common = ["--data", str(image_folder), "--k", "5"]
+    assert checkpoint_knn.main([str(ckpt), str(package), *common, "--image-size", "32"]) == 0
+    assert checkpoint_knn.main([str(package), *common, "--image-size", "48"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 3
+    from_ckpt, from_package, larger = lines
+    # the rebuilt encoder is the checkpoint's function (fp32 rounding aside)
+    assert abs(from_ckpt["train_loo"] - from_package["train_loo"]) <= 0.02
+    assert abs(from_ckpt["held"] - from_package["held"]) <= 0.02
+    assert 0 <= larger["train_loo"] <= 1 and 0 <= larger["held"] <= 1

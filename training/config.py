@@ -34,9 +34,10 @@ class TrainConfig:
     zero_init_residual: bool = (
         True  # residual blocks start as identity (official SimSiam/Barlow Twins code)
     )
-    image_size: int = 128  # training crop and evaluation input size
+    image_size: int = 128  # training crop size
+    eval_size: int | None = None  # evaluation (and exported) input size (default image_size)
     eval_resize: int | None = (
-        None  # shorter side before the centre crop at evaluation (default image_size)
+        None  # shorter side before the centre crop at evaluation (default eval_size)
     )
     crop_scale: tuple[float, float] | None = (
         None  # RandomResizedCrop area range (default: the paper's)
@@ -95,8 +96,10 @@ class TrainConfig:
             c.weight_decay = 5e-4 if c.optimizer == "sgd" else 1.5e-6
         if c.warmup_epochs is None:
             c.warmup_epochs = 0.0 if c.method == "simsiam" else min(10.0, 0.1 * c.epochs)
+        if c.eval_size is None:
+            c.eval_size = c.image_size
         if c.eval_resize is None:
-            c.eval_resize = c.image_size
+            c.eval_resize = c.eval_size
         c.knn_ks = tuple(c.knn_ks)
         if c.cpu_allocator not in ("retain", "system"):
             raise ValueError(f"cpu_allocator must be retain or system, not {c.cpu_allocator!r}")

@@ -450,7 +450,7 @@ def equivalent_command(config: dict[str, Any]) -> str:
     """A `python -m training.train` command with this configuration, rebuilt from the checkpoint:
     the flags whose values differ from what the command line would default to (values that
     follow from the method, batch size, optimizer, epochs and image size are left out)."""
-    primary = ("method", "batch_size", "optimizer", "epochs", "image_size")
+    primary = ("method", "batch_size", "optimizer", "epochs", "image_size", "eval_size")
     plain = asdict(TrainConfig())
     derived = asdict(TrainConfig(**{k: config[k] for k in primary if k in config}).resolved())
     parts = ["python", "-m", "training.train"]
@@ -725,7 +725,7 @@ def export_package(
         raise ValueError(f"opset must be 17 or later, not {opset}")
 
     graph, cfg, ck = load_encoder(checkpoint)
-    pre = Preprocess(cfg.eval_resize, cfg.image_size, cfg.image_size)  # as the trainer evaluates
+    pre = Preprocess(cfg.eval_resize, cfg.eval_size, cfg.eval_size)  # as the trainer evaluates
     images = check_images(cfg, pre, data, parity_images, calibration_images, log)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or previous_threads)
@@ -742,8 +742,8 @@ def export_package(
     try:
         with tempfile.TemporaryDirectory() as scratch:
             model_path = staging / pkg.MODEL_FILE
-            log(f"exporting {cfg.method} {cfg.backbone} ({cfg.image_size} px, opset {opset})")
-            export_onnx(graph, model_path, cfg.image_size, cfg.image_size, opset)
+            log(f"exporting {cfg.method} {cfg.backbone} ({cfg.eval_size} px, opset {opset})")
+            export_onnx(graph, model_path, cfg.eval_size, cfg.eval_size, opset)
             sessions = {"fp32": cpu_session(model_path, threads)}
             checks = {
                 "fp32": check_file(

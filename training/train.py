@@ -27,8 +27,11 @@ HELP = {
     "cifar_stem": "ResNet stem for 32x32 images: 3x3 stride-1 first conv and no max-pool",
     "zero_init_residual": "start each ResNet residual branch's last BatchNorm at zero (blocks begin as the identity), "
     "as the official SimSiam and Barlow Twins code do",
-    "image_size": "training crop size and evaluation input size, in pixels",
-    "eval_resize": "shorter side before the centre crop at evaluation (default: --image-size)",
+    "image_size": "training crop size, in pixels (and the evaluation input size, unless --eval-size)",
+    "eval_size": "evaluation input size, in pixels, and so the exported model's (default: "
+    "--image-size); training below it (FixRes, Touvron et al. 2019) matches the apparent object "
+    "size of random-resized-crop training to whole images at evaluation",
+    "eval_resize": "shorter side before the centre crop at evaluation (default: --eval-size)",
     "crop_scale": "area range MIN MAX of the training crops (RandomResizedCrop; default: the "
     "method's paper: 0.2 1 for simsiam, 0.08 1 for byol and barlow_twins)",
     "device_augment": "apply the photometric augmentations (colour jitter, grayscale, blur, solarize) "

@@ -355,7 +355,14 @@ class Trainer:
                 gen = torch.Generator().manual_seed(self.cfg.seed)
                 first, second = (self.photometric[v](views[v::2], gen) for v in (0, 1))
                 views = torch.stack((first, second), 1).flatten(0, 1)
-            pre = Preprocess(self.cfg.eval_resize, self.cfg.image_size, self.cfg.image_size)
+            # the parity images as the package's card preprocesses them: its graph takes its
+            # own input size, which need not be this run's --image-size (nor --eval-size)
+            p = warmstart.read_package(source)[1].get("preprocess")
+            pre = (
+                Preprocess(p["resize"], p["crop"]["height"], p["crop"]["width"])
+                if p
+                else Preprocess(self.cfg.eval_resize, self.cfg.eval_size, self.cfg.eval_size)
+            )
             check = EvalDataset(self.train_samples, pre)
             check_images = torch.stack([check[i][0] for i in range(min(len(check), 32))])
             normalize = Normalize()
@@ -469,7 +476,7 @@ class Trainer:
         self, samples: Samples, batch_size: int = 256
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features (float32, NxD) of samples, preprocessed as the server does."""
-        pre = Preprocess(self.cfg.eval_resize, self.cfg.image_size, self.cfg.image_size)
+        pre = Preprocess(self.cfg.eval_resize, self.cfg.eval_size, self.cfg.eval_size)
         loader = torch.utils.data.DataLoader(
             EvalDataset(samples, pre),
             batch_size=batch_size,

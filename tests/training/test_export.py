@@ -256,6 +256,49 @@ def test_the_equivalent_command_rebuilds_the_configuration():
     assert asdict(rebuilt) == asdict(cfg.resolved())
     assert "--lr 0.5" in command and "--weight-decay" not in command  # only what was chosen
 
+    # trained below the evaluation size: --eval-size is named, --eval-resize follows from it
+    fixres = TrainConfig(method="barlow_twins", data="d", image_size=96, eval_size=128)
+    command = equivalent_command(asdict(fixres.resolved()))
+    assert "--eval-size 128" in command and "--eval-resize" not in command
+    args = vars(build_parser().parse_args(shlex.split(command)[3:]))
+    args.pop("resume")
+    rebuilt = TrainConfig(**{**args, "progress": fixres.progress}).resolved()
+    assert asdict(rebuilt) == asdict(fixres.resolved())
+
+
+@pytest.mark.slow
+def test_a_run_trained_below_its_eval_size_exports_at_the_eval_size(image_folder, tmp_path):
+    """--image-size 24 --eval-size 32: the graph, the card and the parity images are 32 px."""
+    cfg = small_config(
+        image_folder,
+        tmp_path / "run",
+        method="barlow_twins",
+        image_size=24,
+        eval_size=32,
+        stop_after_steps=1,
+        precision="fp32",
+        threads=1,
+    )
+    threads = torch.get_num_threads()
+    try:
+        Trainer(cfg).fit()
+    finally:
+        torch.set_num_threads(threads)
+    card = export_package(
+        tmp_path / "run" / "checkpoint.pt",
+        tmp_path / "models" / "bt-fixres",
+        variants=(),
+        knn=False,
+        data=str(image_folder),
+        **FAST,
+    )
+    assert (card["input"]["height"], card["input"]["width"]) == (32, 32)
+    assert card["preprocess"]["resize"] == 32
+    assert card["preprocess"]["crop"] == {"height": 32, "width": 32}
+    dims = onnx.load(str(tmp_path / "models" / "bt-fixres" / "model.onnx")).graph.input[0]
+    assert [d.dim_value for d in dims.type.tensor_type.shape.dim][1:] == [32, 32, 3]
+    assert card["parity"]["min_cosine"] >= TOLERANCES["fp32"].min_cosine
+
 
 def test_the_runs_own_knn_names_the_precision_auto_resolved_to(tmp_path):
     """Without a kNN pass at export, the card takes the run's evaluation at the checkpoint's step,

@@ -160,6 +160,44 @@ def test_a_run_started_from_a_package_records_it_and_resumes_without_it(
         torch.testing.assert_close(p, ck["model"]["backbone." + name])
 
 
+def test_a_run_may_train_below_the_packages_input_size(package, image_folder, tmp_path):
+    """FixRes-style fine-tuning: crops smaller than the package's input. The parity check runs
+    at the card's size (the graph's fixed input), the run's kNN at --eval-size."""
+    pkg, _ = package
+    local = tmp_path / "bt-test"
+    shutil.copytree(pkg, local)
+    card = json.loads((local / "card.json").read_text())
+    card["preprocess"] = {"resize": SIZE, "crop": {"height": SIZE, "width": SIZE}}
+    (local / "card.json").write_text(json.dumps(card))
+    cfg = small_config(
+        image_folder,
+        tmp_path / "run",
+        method="barlow_twins",
+        init_from=str(local),
+        image_size=SIZE - 8,
+        eval_size=SIZE,
+        stop_after_steps=1,
+        precision="fp32",
+        threads=1,
+    )
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(cfg)
+        assert trainer.init_record["parity_min_cosine"] > 0.9999
+        sizes = []
+        hook = trainer.model.backbone.register_forward_pre_hook(
+            lambda _m, args: sizes.append(tuple(args[0].shape[-2:]))
+        )
+        trainer.features(trainer.train_samples)
+        hook.remove()
+        assert set(sizes) == {(SIZE, SIZE)}  # evaluation at --eval-size, not --image-size
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    ck = ckpt_io.load(tmp_path / "run" / "checkpoint.pt")
+    assert ck["config"]["image_size"] == SIZE - 8 and ck["config"]["eval_size"] == SIZE
+
+
 def test_device_augment_rebuilds_the_batchnorms_from_fully_augmented_views(
     package, image_folder, tmp_path, monkeypatch
 ):
