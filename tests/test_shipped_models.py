@@ -20,6 +20,7 @@ def test_models_dir_stays_under_100_mb():
 def test_the_default_package_loads_and_every_variant_embeds():
     package = load_package(models_dir=MODELS)
     assert (MODELS / "DEFAULT").read_text().strip() == package.path.name
+    assert "fp16" in package.variants  # what CUDA serves
     rng = np.random.default_rng(0)
     images = [make_pattern(c, 4, 96, rng) for c in range(4)]
     reference = None
@@ -38,6 +39,11 @@ def test_the_default_package_loads_and_every_variant_embeds():
 @pytest.mark.parametrize("variant", ["fp16", "int8"])
 def test_the_default_package_embeds_real_photos_within_its_recorded_parity(imagenette, variant):
     package = load_package(models_dir=MODELS)
+    if variant == "int8" and variant not in package.variants:
+        pytest.skip(
+            "the default package has no int8 variant: it was exported on a CPU without VNNI, "
+            "where the int8 file cannot pass its parity check (README 'Results so far')"
+        )
     assert variant in package.variants
     if variant == "int8" and not cpu_has_vnni():
         pytest.skip(
