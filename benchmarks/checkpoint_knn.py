@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from embedserve.package import card_preprocess  # noqa: E402
 from embedserve.preprocess import Preprocess  # noqa: E402
 from training import checkpoint, warmstart  # noqa: E402
 from training.backbones import create_backbone  # noqa: E402
@@ -75,9 +76,7 @@ def package_backbone(path: str, train: Samples) -> tuple[torch.nn.Module, dict]:
     if card.get("backbone") is None:
         raise ValueError(f"{path}: the card names no backbone")
     backbone, _ = create_backbone(card["backbone"])
-    p = card["preprocess"]
-    pre = Preprocess(p["resize"], p["crop"]["height"], p["crop"]["width"])
-    ds = EvalDataset(train, pre)
+    ds = EvalDataset(train, card_preprocess(card))
     picks = torch.linspace(0, len(ds) - 1, min(len(ds), 256)).long().tolist()
     images = torch.stack([ds[i][0] for i in picks])
     record = warmstart.init_from_package(backbone, path, images, Normalize(), images[:32])

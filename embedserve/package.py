@@ -147,6 +147,14 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "asimddp"}  # x86, x86, Arm
 
 
+def card_preprocess(card: dict[str, Any]) -> Preprocess:
+    """How a decoded image becomes one input row, as a card's `preprocess` section says."""
+    p = card.get("preprocess")
+    if p is None:
+        raise ValueError(f"card {card.get('name')!r} has no preprocess section")
+    return Preprocess(p["resize"], p["crop"]["height"], p["crop"]["width"], p["interpolation"])
+
+
 def cpu_has_vnni() -> bool:
     """Whether the CPU has VNNI int8 dot products (x86 AVX512-VNNI or AVX-VNNI, Arm dot product),
     where the int8 variant is both fast and within its card's parity.
@@ -184,8 +192,7 @@ class ModelPackage:
     @property
     def preprocess(self) -> Preprocess:
         """How a decoded image becomes one input row, as the card says."""
-        p = self.card["preprocess"]
-        return Preprocess(p["resize"], p["crop"]["height"], p["crop"]["width"], p["interpolation"])
+        return card_preprocess(self.card)
 
     @property
     def variants(self) -> list[str]:

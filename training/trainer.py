@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from embedserve.package import card_preprocess
 from embedserve.preprocess import Preprocess
 from training import checkpoint, warmstart
 from training.allocator import retain_freed_memory
@@ -357,12 +358,7 @@ class Trainer:
                 views = torch.stack((first, second), 1).flatten(0, 1)
             # the parity images as the package's card preprocesses them: its graph takes its
             # own input size, which need not be this run's --image-size (nor --eval-size)
-            p = warmstart.read_package(source)[1].get("preprocess")
-            pre = (
-                Preprocess(p["resize"], p["crop"]["height"], p["crop"]["width"])
-                if p
-                else Preprocess(self.cfg.eval_resize, self.cfg.eval_size, self.cfg.eval_size)
-            )
+            pre = card_preprocess(warmstart.read_package(source)[1])
             check = EvalDataset(self.train_samples, pre)
             check_images = torch.stack([check[i][0] for i in range(min(len(check), 32))])
             normalize = Normalize()

@@ -63,6 +63,11 @@ def package(tmp_path_factory) -> tuple[Path, nn.Module]:
         "backbone": "resnet18",
         "training": {"epochs": 7, "command": "python -m training.train --epochs 7"},
         "metrics": {"knn": [{"k": 20, "top1": 0.5}]},
+        "preprocess": {
+            "resize": SIZE,
+            "crop": {"height": SIZE, "width": SIZE},
+            "interpolation": "bilinear",
+        },
     }
     (pkg / "card.json").write_text(json.dumps(card))
     return pkg, original
@@ -110,21 +115,27 @@ def test_a_package_of_another_architecture_or_no_package_is_refused(
 
 
 @pytest.mark.slow
+def one_step_from(pkg: Path, image_folder, out: Path, **overrides):
+    """A Barlow Twins run of one fp32 step, on one thread, started from package `pkg`."""
+    return small_config(
+        image_folder,
+        out,
+        method="barlow_twins",
+        init_from=str(pkg),
+        stop_after_steps=1,
+        precision="fp32",
+        threads=1,
+        **overrides,
+    )
+
+
 def test_a_run_started_from_a_package_records_it_and_resumes_without_it(
     package, image_folder, tmp_path
 ):
     pkg, original = package
     local = tmp_path / "bt-test"
     shutil.copytree(pkg, local)
-    cfg = small_config(
-        image_folder,
-        tmp_path / "run",
-        method="barlow_twins",
-        init_from=str(local),
-        stop_after_steps=1,
-        precision="fp32",
-        threads=1,
-    )
+    cfg = one_step_from(local, image_folder, tmp_path / "run")
     threads = torch.get_num_threads()
     try:
         trainer = Trainer(cfg)
@@ -164,22 +175,7 @@ def test_a_run_may_train_below_the_packages_input_size(package, image_folder, tm
     """FixRes-style fine-tuning: crops smaller than the package's input. The parity check runs
     at the card's size (the graph's fixed input), the run's kNN at --eval-size."""
     pkg, _ = package
-    local = tmp_path / "bt-test"
-    shutil.copytree(pkg, local)
-    card = json.loads((local / "card.json").read_text())
-    card["preprocess"] = {"resize": SIZE, "crop": {"height": SIZE, "width": SIZE}}
-    (local / "card.json").write_text(json.dumps(card))
-    cfg = small_config(
-        image_folder,
-        tmp_path / "run",
-        method="barlow_twins",
-        init_from=str(local),
-        image_size=SIZE - 8,
-        eval_size=SIZE,
-        stop_after_steps=1,
-        precision="fp32",
-        threads=1,
-    )
+    cfg = one_step_from(pkg, image_folder, tmp_path / "run", image_size=SIZE - 8, eval_size=SIZE)
     threads = torch.get_num_threads()
     try:
         trainer = Trainer(cfg)
