@@ -7,7 +7,10 @@ batches of a CPU or a single GPU better than the papers' large-batch LARS recipe
 
 from __future__ import annotations
 
+import hashlib
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 # Per-method head sizes: the CIFAR / small-budget configurations of the reference code.
@@ -142,3 +145,43 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def load_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A recipe file's options and its record for the card: `(options, {"path", "sha256"})`.
+
+    A recipe is a TOML file whose keys are `TrainConfig` field names (`image_size = 96`), one
+    file per trained model, holding every option of its run. Unknown keys are refused, so that
+    a misspelt option cannot silently fall back to its default.
+
+    Example (training/recipes/simsiam-resnet18-imagenette.toml):
+        method = "simsiam"
+        data = "../shared/datasets/imagenette-160"
+        epochs = 100
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        options = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"recipe {path}: not valid TOML: {e}") from e
+    known = {f.name for f in fields(TrainConfig)} - {"extra"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"recipe {path}: unknown option(s) {', '.join(unknown)}; the keys are the training "
+            "options with underscores (python -m training.train --help)"
+        )
+    for key in ("knn_ks", "proj_dims", "crop_scale"):
+        if isinstance(options.get(key), list):
+            options[key] = tuple(options[key])
+    record = {"path": _display_path(path), "sha256": hashlib.sha256(raw).hexdigest()}
+    return options, record
+
+
+def _display_path(path: Path) -> str:
+    """The recipe's path relative to the working directory when it lies below it (portable)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

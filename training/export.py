@@ -493,6 +493,8 @@ def training_record(ck: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> d
         "world_size": start.get("world_size"),
         "command": " ".join(command) if isinstance(command, list) else command,
         "equivalent_command": equivalent_command(asdict(cfg)),
+        # training/recipes/*.toml: the file that holds every option of the run (path, sha256)
+        "recipe": cfg.extra.get("recipe"),
         "best_knn_during_training": ck.get("best_knn", {}),
         "torch_version": ck.get("torch_version"),
         "checkpoint": {"path": str(checkpoint), "sha256": pkg.sha256_file(checkpoint)},

@@ -9,7 +9,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from training.config import TrainConfig
+from training.config import TrainConfig, load_recipe
 from training.methods import METHODS
 from training.trainer import Trainer, TrainingStopped
 
@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = float
         p.add_argument(flag, **kwargs)
     p.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="a recipe (TOML, keys = these options with underscores) holding every option of a "
+        "run, e.g. training/recipes/simsiam-resnet18-imagenette.toml; flags given beside it "
+        "override it; the card records its path and sha256 under training.recipe",
+    )
+    p.add_argument(
         "--resume",
         nargs="?",
         const="auto",
@@ -137,9 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    recipe_record = None
+    if args.recipe:
+        try:
+            options, recipe_record = load_recipe(args.recipe)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        parser.set_defaults(**options)  # the recipe's values; flags beside it still win
+        args = parser.parse_args(argv)
+    args.__dict__.pop("recipe")
     resume = args.__dict__.pop("resume")
     cfg = TrainConfig(**vars(args))
+    if recipe_record is not None:
+        cfg.extra["recipe"] = recipe_record
     # the exact command, for the model card
     cfg.extra["command"] = " ".join(
         ["python -m training.train", *(argv if argv is not None else sys.argv[1:])]

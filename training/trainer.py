@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +60,24 @@ def resolve_device(name: str) -> torch.device:
 
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model name, usable cores and the flags that decide its kernels (bf16, VNNI)."""
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    model = model or platform.processor() or "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "cores": cores, "flags": [f for f in wanted if f in flags]}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -541,6 +560,8 @@ class Trainer:
                 config=asdict(cfg),
                 resumed_at_step=self.step,
                 device=str(self.device),
+                # every stretch of a run (start or resume) names the CPU it ran on
+                cpu=cpu_description(),
                 precision=precision_name(self.amp_dtype),
                 # what precision auto measured on this CPU (None where it measured nothing)
                 cpu_bf16_speedup=round(cpu_bf16_speedup(), 2)
