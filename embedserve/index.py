@@ -10,30 +10,13 @@ Embeddings are L2-normalized, so the metric is the inner product (= cosine simil
 factory string is any FAISS index-factory string ("Flat", "IVF256,Flat", "HNSW32",
 "IVF256,PQ32", ...); an index that needs training is trained on the first batch it is given.
 
-On disk, an index is a folder:
-
-    INDEX_DIR/
-      CURRENT              one line: the name of the live version folder
-      v000002-5f3a9c1e/    a complete version, never modified after it was written
-        manifest.json      model name + sha256, dim, metric, factory, count, times
-        index.faiss        faiss.write_index
-        metadata.sqlite    items(id INTEGER PRIMARY KEY, path TEXT, label TEXT)
-      .lock                held (flock) by a writer while it saves
-      wal.log              additions since the live version (a server's POST /index/add)
-      .wal.lock            held (flock) by the one process that appends to wal.log
-
-A save writes a new version in a temporary folder, fsyncs it, renames it into place, then
-replaces CURRENT atomically (os.replace) and removes the old version. A crash at any point
-leaves CURRENT naming a complete version: the old one until the replace, the new one after.
-Ids are the FAISS sequential ids; items are only ever appended, so an id never changes.
-
-Additions that must be durable at once (a server acknowledging them) go to a write-ahead log
-instead of a new version per request: `open_log(path)` then `add_durable(...)` appends one
-checksummed record per call, carrying its first id, and fsyncs it before returning. `load`
-replays the log over the live version, skipping records whose ids the version already holds,
-and drops a torn last record (a writer killed mid-append; it was never acknowledged). A save
-empties the log after its commit point; a crash in between only leaves records that the next
-replay skips, so no id is ever duplicated.
+An index is a folder of immutable versions and a pointer to the live one (the format:
+embedserve.index_format). A save writes a new version in a temporary folder, fsyncs it, renames
+it into place, then replaces CURRENT atomically (os.replace) and removes the old version. A
+crash at any point leaves CURRENT naming a complete version: the old one until the replace, the
+new one after. Ids are the FAISS sequential ids; items are only ever appended, so an id never
+changes. Additions that must be durable at once go to a write-ahead log (embedserve.index_log),
+replayed by `load` and emptied by a save.
 """
 
 from __future__ import annotations
@@ -44,42 +27,65 @@ import os
 import secrets
 import shutil
 import sqlite3
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from embedserve import __version__
+from embedserve.index_format import (
+    CURRENT_FILE,
+    DEFAULT_FACTORY,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    LOCK_FILE,
+    LOG_FILE,
+    LOG_LOCK_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    METRIC,
+    IndexBusyError,
+    IndexMismatchError,
+    SearchIndexError,
+    check_manifest,
+    check_model,
+    fsync,
+    new_manifest,
+    now,
+)
+from embedserve.index_log import WriteAheadLog, read_log
 from embedserve.package import ModelPackage
+from embedserve.rwlock import ReadWriteLock
 
-FORMAT = "embedserve-index"
-FORMAT_VERSION = 1
-CURRENT_FILE = "CURRENT"
-LOCK_FILE = ".lock"
-MANIFEST_FILE = "manifest.json"
-INDEX_FILE = "index.faiss"
-METADATA_FILE = "metadata.sqlite"
-LOG_FILE = "wal.log"
-LOG_LOCK_FILE = ".wal.lock"
-DEFAULT_FACTORY = "Flat"
-METRIC = "inner_product"  # embeddings are L2-normalized: inner product = cosine similarity
+# Re-exported: the names of the format and the log were defined here before they moved.
+__all__ = [
+    "CURRENT_FILE",
+    "DEFAULT_FACTORY",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INDEX_FILE",
+    "LOCK_FILE",
+    "LOG_FILE",
+    "LOG_LOCK_FILE",
+    "MANIFEST_FILE",
+    "METADATA_FILE",
+    "METRIC",
+    "IndexBusyError",
+    "IndexMismatchError",
+    "SearchIndex",
+    "SearchIndexError",
+    "WriteAheadLog",
+    "build_faiss_index",
+    "read_log",
+    "set_search_parameters",
+]
+
 _SQL_CHUNK = 900  # ids per SELECT ... IN (...), below SQLite's variable limit
-
-
-class SearchIndexError(RuntimeError):
-    """An index that cannot be built, loaded or searched; the message names the path and reason."""
-
-
-class IndexMismatchError(SearchIndexError):
-    """An index built with another model (or dimension) than the one it is used with."""
 
 
 def _save_checkpoint(step: str) -> None:
@@ -101,165 +107,6 @@ def set_search_parameters(index: faiss.Index, **params: int) -> None:
         space.set_index_parameter(index, name, value)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-class _ReadWriteLock:
-    """Many concurrent readers (searches) or one writer (add, save)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-class IndexBusyError(SearchIndexError):
-    """Another process already appends to this index's write-ahead log."""
-
-
-# A log record: magic, payload length, crc32 of the payload, then the payload:
-# first id (u64), count n (u32), dim (u32), metadata length (u32), metadata as JSON
-# [[path, label], ...], then the vectors, float32 [n, dim].
-_RECORD_MAGIC = b"EWR1"
-_RECORD_HEAD = struct.Struct("<4sII")
-_PAYLOAD_HEAD = struct.Struct("<QIII")
-
-
-def _encode_record(first: int, x: np.ndarray, items: list[tuple[str | None, str | None]]) -> bytes:
-    meta = json.dumps(items, ensure_ascii=False).encode()
-    payload = _PAYLOAD_HEAD.pack(first, len(x), x.shape[1], len(meta)) + meta + x.tobytes()
-    return _RECORD_HEAD.pack(_RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def read_log(
-    path: str | os.PathLike, dim: int
-) -> tuple[list[tuple[int, np.ndarray, list[tuple[str | None, str | None]]]], int]:
-    """The records of a write-ahead log, [(first id, vectors [n, dim], [(path, label)])], and
-    the byte length of its valid part. A torn last record (incomplete, or failing its checksum
-    with nothing after it) ends the valid part; damage followed by more data is an error."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    records, offset = [], 0
-    while offset < len(data):
-        end_of_head = offset + _RECORD_HEAD.size
-        if end_of_head > len(data):
-            break  # a torn header
-        magic, length, crc = _RECORD_HEAD.unpack_from(data, offset)
-        end = end_of_head + length
-        if magic != _RECORD_MAGIC:
-            if not data[offset:].strip(b"\0"):
-                break  # zeros where a record was being written (the file grew, data lost)
-            raise SearchIndexError(f"{path}: no record starts at byte {offset}: damaged log")
-        if end > len(data):
-            break  # a torn record: the writer died mid-append, before acknowledging it
-        if zlib.crc32(data[end_of_head:end]) != crc:
-            if end == len(data):
-                break  # the last record, torn (its tail never reached the disk)
-            raise SearchIndexError(
-                f"{path}: the record at byte {offset} fails its checksum and more records "
-                "follow; refusing to guess which additions are valid"
-            )
-        first, n, rec_dim, meta_len = _PAYLOAD_HEAD.unpack_from(data, end_of_head)
-        if rec_dim != dim:
-            raise SearchIndexError(
-                f"{path}: record at byte {offset} holds {rec_dim}-d vectors, not {dim}-d"
-            )
-        start = end_of_head + _PAYLOAD_HEAD.size
-        items = [tuple(item) for item in json.loads(data[start : start + meta_len])]
-        x = np.frombuffer(data, np.float32, n * dim, start + meta_len).reshape(n, dim)
-        records.append((first, x, items))
-        offset = end
-    return records, offset
-
-
-class WriteAheadLog:
-    """The append side of INDEX_DIR/wal.log, held by one process (an flock) while it is open."""
-
-    def __init__(self, folder: str | os.PathLike, dim: int) -> None:
-        folder = Path(folder)
-        self.path = folder / LOG_FILE
-        self._lock_file = open(folder / LOG_LOCK_FILE, "a")  # noqa: SIM115 (closed in close)
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise IndexBusyError(
-                f"{folder}: another process is adding to this index (it holds {LOG_LOCK_FILE}); "
-                "one writer at a time"
-            ) from None
-        _, valid = read_log(self.path, dim)
-        created = not self.path.exists()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        if os.fstat(self._fd).st_size != valid:
-            os.ftruncate(self._fd, valid)  # drop a torn last record
-            os.fsync(self._fd)
-        if created:
-            _fsync(folder)  # the new file's directory entry is durable too
-
-    @property
-    def size(self) -> int:
-        return os.fstat(self._fd).st_size
-
-    def append(self, first: int, x: np.ndarray, items: list[tuple[str | None, str | None]]) -> None:
-        """Write one record and flush it to the disk: durable when this returns."""
-        record = _encode_record(first, x, items)
-        written = os.write(self._fd, record)
-        if written != len(record):  # a full disk: remove the partial record, then fail
-            os.ftruncate(self._fd, self.size - written)
-            raise OSError(f"{self.path}: short write ({written} of {len(record)} bytes)")
-        _log_checkpoint("record-written")
-        os.fdatasync(self._fd)
-
-    def empty(self) -> None:
-        os.ftruncate(self._fd, 0)
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        os.close(self._fd)
-        self._lock_file.close()  # releases the flock
-
-
-def _log_checkpoint(step: str) -> None:
-    """Called inside a log append; tests replace it to kill a writer mid-record."""
-
-
 class SearchIndex:
     """A FAISS index over one model's embeddings, with each vector's path and label.
 
@@ -275,7 +122,7 @@ class SearchIndex:
     ) -> None:
         self.index = faiss_index
         self.manifest = manifest
-        self._lock = _ReadWriteLock()
+        self._lock = ReadWriteLock()
         self._db_lock = threading.Lock()  # one sqlite connection, shared by the search threads
         # Saved rows live in a read-only SQLite file; rows added since are in memory until saved.
         self._db: sqlite3.Connection | None = None
@@ -309,21 +156,8 @@ class SearchIndex:
         `search_parameters` (e.g. {"nprobe": 16} for IVF, {"efSearch": 64} for HNSW) are saved in
         the manifest and set whenever the index is loaded, so every searcher gets the same answer.
         """
-        dim = package.embedding_dim
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": {"name": package.name, "sha256": package.card["sha256"]},
-            "dim": dim,
-            "metric": METRIC,
-            "factory": factory,
-            "search_parameters": dict(search_parameters or {}),
-            "count": 0,
-            "created": _now(),
-            "updated": _now(),
-            "embedserve_version": __version__,
-        }
-        return cls(build_faiss_index(dim, factory), manifest)
+        manifest = new_manifest(package, factory, search_parameters)
+        return cls(build_faiss_index(package.embedding_dim, factory), manifest)
 
     @classmethod
     def load(cls, path: str | os.PathLike, package: ModelPackage | None = None) -> SearchIndex:
@@ -346,15 +180,7 @@ class SearchIndex:
             raise SearchIndexError(
                 f"{path}: {CURRENT_FILE} names a version folder that does not exist"
             )
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise SearchIndexError(
-                f"{version / MANIFEST_FILE}: not an {FORMAT} v{FORMAT_VERSION} manifest"
-            )
-        if faiss_index.d != manifest["dim"] or faiss_index.ntotal != manifest["count"]:
-            raise SearchIndexError(
-                f"{version}: the FAISS index has {faiss_index.ntotal} vectors of dim "
-                f"{faiss_index.d}, the manifest says {manifest['count']} of dim {manifest['dim']}"
-            )
+        check_manifest(manifest, version, faiss_index.d, faiss_index.ntotal)
         index = cls(faiss_index, manifest, version / METADATA_FILE)
         if index._saved_count != manifest["count"]:
             raise SearchIndexError(
@@ -398,17 +224,7 @@ class SearchIndex:
 
     def check_model(self, package: ModelPackage, where: str = "index") -> None:
         """Raise IndexMismatchError unless the index was built with `package`'s model."""
-        model = self.manifest["model"]
-        if model["sha256"] != package.card["sha256"] or model["name"] != package.name:
-            raise IndexMismatchError(
-                f"{where} was built with model {model['name']!r} (sha256 {model['sha256'][:12]}), "
-                f"not {package.name!r} (sha256 {package.card['sha256'][:12]}): its embeddings are "
-                f"not comparable; rebuild the index with this model or use the one it was built with"
-            )
-        if self.dim != package.embedding_dim:
-            raise IndexMismatchError(
-                f"{where} holds {self.dim}-d vectors, {package.name} makes {package.embedding_dim}-d"
-            )
+        check_model(self.manifest, package, where)
 
     def _open_db(self, db_path: Path) -> None:
         if self._db is not None:
@@ -471,7 +287,7 @@ class SearchIndex:
             self.index.add(x)
             self._pending += zip(paths, labels, strict=True)
             self.manifest["count"] = self.index.ntotal
-            self.manifest["updated"] = _now()
+            self.manifest["updated"] = now()
         return np.arange(first, first + n, dtype=np.int64)
 
     def open_log(self, folder: str | os.PathLike) -> None:
@@ -611,12 +427,12 @@ class SearchIndex:
             (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2) + "\n")
             _save_checkpoint("manifest-written")
             for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE):
-                _fsync(tmp / name)
-            _fsync(tmp)
+                fsync(tmp / name)
+            fsync(tmp)
             _save_checkpoint("files-synced")
             version = path / f"v{sequence:06d}-{secrets.token_hex(4)}"
             os.rename(tmp, version)
-            _fsync(path)
+            fsync(path)
             _save_checkpoint("version-renamed")
             pointer_tmp = path / f".{CURRENT_FILE}.tmp"
             with open(pointer_tmp, "w") as f:
@@ -625,7 +441,7 @@ class SearchIndex:
                 os.fsync(f.fileno())
             _save_checkpoint("pointer-written")
             os.replace(pointer_tmp, path / CURRENT_FILE)  # the commit point
-            _fsync(path)
+            fsync(path)
             _save_checkpoint("pointer-replaced")
             self._open_db(version / METADATA_FILE)
             self._pending = []

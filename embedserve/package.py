@@ -74,9 +74,13 @@ def validate_card(card: dict[str, Any], where: str = CARD_FILE) -> None:
 
 def lineage_epochs(source: dict[str, Any] | None) -> int:
     """Epochs of the runs an encoder started from (a card's `training.init_from`, the record
-    of `--init-from`), following the chain back to the first run and counting it too."""
+    of `--init-from`), counting the first run too. Reads both forms: a reference that states
+    its `total_epochs` (training/lineage.py), or the older nested copies, followed back to the
+    first run."""
     total = 0
     while source:
+        if source.get("total_epochs") is not None:
+            return total + int(source["total_epochs"])
         total += int(source.get("epochs") or 0)
         source = source.get("init_from")
     return total

@@ -129,7 +129,7 @@ WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np
-    from embedserve import index as ix
+    from embedserve import index as ix, index_log
     from embedserve.package import ModelPackage
 
     path, start, pause_at = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -143,7 +143,7 @@ WRITER = textwrap.dedent(
             print("paused", step, flush=True)
             time.sleep(120)  # the parent kills us here
 
-    ix._log_checkpoint = pause
+    index_log._log_checkpoint = pause  # the log moved from embedserve.index
     ix._save_checkpoint = pause
     for n in range(start, start + 10_000):
         x = np.zeros((1, 8), np.float32)

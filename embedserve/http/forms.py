@@ -1,0 +1,208 @@
+"""Reading a multipart request: its images, its text fields (`k`, `metadata`), all bounded.
+
+Every problem is a ClientError that says what to send instead: 413 for a body or an image
+count over its limit, 415 for a body that is not multipart/form-data, 400 for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from embedserve.http.errors import ClientError
+from embedserve.http.limits import BodyHold, body_hold
+
+# An uploaded image as read: (its file name, if the client gave one; its bytes).
+Upload = tuple[str | None, bytes]
+
+# What a stored path or label may be: text of bounded length without control characters (a
+# path is only ever stored and returned, never opened, joined or written to).
+MAX_PATH_CHARS = 1024
+MAX_LABEL_CHARS = 256
+
+
+def client_name(position: int, filename: str | None) -> str:
+    """How an error names a file: `images[1] (scan.pdf)`."""
+    return f"images[{position}] ({filename})" if filename else f"images[{position}]"
+
+
+async def read_form(
+    request: Request,
+    max_bytes: int,
+    fields: tuple[str, ...],
+    max_files: int = 10_000,
+    hold: BodyHold | None = None,
+) -> tuple[list[Upload], dict[str, str]]:
+    """The uploaded images (filename, bytes) and the text fields of a multipart request.
+
+    Everything stays in memory, bounded: a body over `max_bytes` is refused by its
+    Content-Length, or while it streams in when it has none (chunked). Then the body must be
+    multipart/form-data (415) that parses (400), with its images as files in the field `images`
+    (400: missing, sent as text, or a misspelt field) and no field other than `fields`.
+    More than `max_files` file parts stop the parser at once (413), and more text parts than
+    the form has fields (400): a body of a million tiny parts costs no more than its bytes.
+    With `hold`, the body's bytes are taken from the worker's body budget first (503 when they
+    would pass it).
+    """
+    too_large = f"request body over the limit of {max_bytes} bytes (max_request_bytes)"
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        raise (
+            ClientError(413, too_large)
+            if declared.isdigit()
+            else ClientError(400, f"bad Content-Length header {declared!r}")
+        )
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise ClientError(
+            415,
+            f"Content-Type {media_type or 'missing'}: send multipart/form-data with the images "
+            "as files in the field 'images' (curl -F images=@photo.jpg)",
+        )
+    if hold is not None and declared is not None:
+        hold.take(int(declared))  # before a byte is read
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ClientError(413, too_large)
+            if hold is not None and declared is None:
+                hold.take(len(chunk))
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody reads the answer; nothing to log as an error
+        raise ClientError(400, "the client disconnected before sending the whole body") from None
+    body = b"".join(chunks)
+    chunks.clear()  # the joined body is the one copy kept
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(
+            request.headers,
+            stream(),
+            max_files=max_files,
+            max_fields=len(fields),
+            max_part_size=len(body) + 1,
+        ).parse()
+    except (MultiPartException, ValueError) as e:
+        if str(e).startswith("Too many files"):
+            raise ClientError(
+                413,
+                f"more than {max_files} files in one request, over the limit of "
+                f"{max_files - 1} images (max_images_per_request)",
+            ) from None
+        raise ClientError(400, f"malformed multipart body: {e}") from None
+    try:
+        unknown = sorted(set(form.keys()) - set(fields))
+        if unknown:
+            raise ClientError(
+                400,
+                f"unknown field(s) {', '.join(map(repr, unknown))}; this endpoint takes "
+                + ", ".join(map(repr, fields)),
+            )
+        images = []
+        for i, value in enumerate(form.getlist("images")):
+            if not isinstance(value, UploadFile):
+                raise ClientError(
+                    400,
+                    f"images[{i}] is a text value, not a file: upload the image itself "
+                    "(curl -F images=@photo.jpg); URLs are not fetched",
+                )
+            images.append((value.filename, await value.read()))
+        if not images:
+            raise ClientError(400, "missing field 'images': send one or more image files in it")
+        values = {}
+        for name in fields:
+            if name == "images" or name not in form:
+                continue
+            given = form.getlist(name)
+            if len(given) > 1 or isinstance(given[0], UploadFile):
+                raise ClientError(400, f"field {name!r} must be given once, as a value")
+            values[name] = given[0]
+        return images, values
+    finally:
+        await form.close()
+
+
+def check_count(images: list, limit: int) -> None:
+    """A 413 when there are more than `limit` images (max_images_per_request)."""
+    if len(images) > limit:
+        raise ClientError(
+            413,
+            f"{len(images)} images in one request, over the limit of {limit} "
+            "(max_images_per_request)",
+        )
+
+
+async def read_images(
+    request: Request, fields: tuple[str, ...], max_bytes: int, max_images: int
+) -> tuple[list[Upload], dict[str, str]]:
+    """`read_form` with the service's limits and the request's BodyHold (from RequestLimits),
+    then at most `max_images` images."""
+    # one file part over the limit is still counted exactly (a 413 that says how many)
+    images, values = await read_form(
+        request, max_bytes, fields, max_files=max_images + 1, hold=body_hold(request)
+    )
+    check_count(images, max_images)
+    return images, values
+
+
+def parse_k(raw: str, max_k: int) -> int:
+    """The `k` field of /search: an integer in 1..max_k (400 otherwise)."""
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ClientError(400, f"k must be an integer, not {raw!r}") from None
+    if not 1 <= k <= max_k:
+        raise ClientError(400, f"k must be between 1 and {max_k} (max_k), not {k}")
+    return k
+
+
+def clean_text(value: Any, what: str, limit: int) -> str | None:
+    """A path or label to store: None, or a string of at most `limit` characters without
+    control characters (400 otherwise)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ClientError(400, f"{what} must be a string or null, not {type(value).__name__}")
+    if len(value) > limit:
+        raise ClientError(400, f"{what} is {len(value)} characters, over the limit of {limit}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ClientError(400, f"{what} contains control characters")
+    return value
+
+
+def parse_metadata(
+    raw: str | None, images: list[Upload]
+) -> tuple[list[str | None], list[str | None]]:
+    """Paths and labels of the images to add, from the `metadata` field (a JSON array with one
+    {"path", "label"} object per image) or, without it, the uploaded files' names."""
+    if raw is None:
+        paths = [
+            clean_text(name, f"images[{i}]'s file name", MAX_PATH_CHARS)
+            for i, (name, _) in enumerate(images)
+        ]
+        return paths, [None] * len(images)
+    try:
+        items = json.loads(raw)
+    except ValueError as e:
+        raise ClientError(400, f"metadata is not valid JSON: {e}") from None
+    if not isinstance(items, list) or len(items) != len(images):
+        raise ClientError(
+            400,
+            f"metadata must be a JSON array with one object per image ({len(images)}), "
+            '[{"path": ..., "label": ...}, ...]',
+        )
+    paths, labels = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"path", "label"}:
+            raise ClientError(400, f'metadata[{i}] must be an object with only "path" and "label"')
+        paths.append(clean_text(item.get("path"), f"metadata[{i}].path", MAX_PATH_CHARS))
+        labels.append(clean_text(item.get("label"), f"metadata[{i}].label", MAX_LABEL_CHARS))
+    return paths, labels

@@ -1,0 +1,138 @@
+"""What the endpoints answer and take, for the OpenAPI page, and the JSON encoding of answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from embedserve.http.forms import MAX_LABEL_CHARS, MAX_PATH_CHARS
+
+
+class EmbedResponse(BaseModel):
+    """The answer of /embed."""
+
+    model: str = Field(
+        description="the model package's name", examples=["barlow-twins-resnet18-imagenette"]
+    )
+    dim: int = Field(description="embedding dimension", examples=[512])
+    embeddings: list[list[float]] = Field(
+        description="one L2-normalized float32 embedding per image, in request order"
+    )
+
+
+class Neighbour(BaseModel):
+    id: int = Field(description="the image's id in the index (stable across `index add`)")
+    score: float = Field(description="cosine similarity (inner product of unit vectors)")
+    path: str | None = Field(description="the indexed file's path, as given at build time")
+    label: str | None = Field(description="its class folder, when the index was built from one")
+
+
+class SearchResult(BaseModel):
+    file: str = Field(description="the query image, as the request named it")
+    neighbours: list[Neighbour]
+
+
+class SearchResponse(BaseModel):
+    """The answer of /search."""
+
+    model: str
+    k: int
+    results: list[SearchResult] = Field(description="one entry per query image, in request order")
+
+
+class AddResponse(BaseModel):
+    """The answer of /index/add: the additions are durable and searchable when it comes."""
+
+    model: str
+    ids: list[int] = Field(description="the new images' ids, in request order")
+    index_size: int = Field(description="images in the index now")
+
+
+# The error answers of the endpoints, as documented in the OpenAPI page.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "a bad file or field; the body names each bad file and its problem"},
+    401: {"description": "EMBEDSERVE_API_KEY is set and the request has no or a wrong key"},
+    409: {"description": "no index configured (for /search)"},
+    413: {"description": "too many images, too many pixels, or a body over the byte limit"},
+    415: {"description": "an image format that is not decoded, or a body that is not multipart"},
+    503: {
+        "description": "overloaded: the batch queue exceeds max_latency_ms, or "
+        "max_concurrent_requests are running, or the request bodies held would pass "
+        "max_inflight_bytes; retry (Retry-After)"
+    },
+}
+
+# The extra responses of POST /index/add.
+ADD_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    401: {"description": "no or a wrong API key (Authorization: Bearer <key>)"},
+    403: {"description": "adding is off: no API key configured, no index, or workers > 1"},
+    409: {"description": "no index configured"},
+}
+
+# The text fields of the forms, as OpenAPI properties.
+K_FIELD = {"k": {"type": "integer", "default": 10, "description": "neighbours per image"}}
+METADATA_FIELD = {
+    "metadata": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "path": {"type": ["string", "null"], "maxLength": MAX_PATH_CHARS},
+                "label": {"type": ["string", "null"], "maxLength": MAX_LABEL_CHARS},
+            },
+            "additionalProperties": False,
+        },
+        "description": "optional JSON array, one object per image in order: "
+        '[{"path": "photos/cat.jpg", "label": "cat"}, ...]; both keys optional. '
+        "Without it, each path is the uploaded file's name and there is no label. "
+        "Paths are stored as text, never opened.",
+    }
+}
+
+
+def multipart_body(max_images: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI requestBody of an endpoint that takes 1..max_images `images` (+ `extra`
+    fields), for a route's `openapi_extra`."""
+    properties = {
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "minItems": 1,
+            "maxItems": max_images,
+            "description": "image files (JPEG, PNG, WebP, GIF, BMP, TIFF): repeat the field "
+            "once per image",
+        },
+        **(extra or {}),
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["images"], "properties": properties},
+                    "encoding": {
+                        "images": {"contentType": "image/*"},
+                        **{
+                            name: {"contentType": "application/json"}
+                            for name, spec in (extra or {}).items()
+                            if spec.get("type") == "array"
+                        },
+                    },
+                }
+            },
+        }
+    }
+
+
+def json_response(body: dict[str, Any]) -> Response:
+    """A JSON answer; numpy arrays in `body` are written as lists."""
+    # orjson writes a float32 array as the shortest decimal that reads back to the same float32
+    # (exact, and 44% smaller than Python floats), 26x faster than json.dumps(array.tolist()):
+    # at 8 images per request that was 11% of the event loop's time.
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
+    )

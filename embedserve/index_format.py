@@ -1,0 +1,115 @@
+"""The on-disk format of a search index: its files, its manifest, and the errors about them.
+
+On disk, an index is a folder:
+
+    INDEX_DIR/
+      CURRENT              one line: the name of the live version folder
+      v000002-5f3a9c1e/    a complete version, never modified after it was written
+        manifest.json      model name + sha256, dim, metric, factory, count, times
+        index.faiss        faiss.write_index
+        metadata.sqlite    items(id INTEGER PRIMARY KEY, path TEXT, label TEXT)
+      .lock                held (flock) by a writer while it saves
+      wal.log              additions since the live version (a server's POST /index/add)
+      .wal.lock            held (flock) by the one process that appends to wal.log
+
+A save writes a new version in a temporary folder, fsyncs it, renames it into place, then
+replaces CURRENT atomically (os.replace) and removes the old version (embedserve.index). The
+write-ahead log's record format is in embedserve.index_log.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from embedserve import __version__
+from embedserve.package import ModelPackage
+
+FORMAT = "embedserve-index"
+FORMAT_VERSION = 1
+CURRENT_FILE = "CURRENT"
+LOCK_FILE = ".lock"
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+METADATA_FILE = "metadata.sqlite"
+LOG_FILE = "wal.log"
+LOG_LOCK_FILE = ".wal.lock"
+DEFAULT_FACTORY = "Flat"
+METRIC = "inner_product"  # embeddings are L2-normalized: inner product = cosine similarity
+
+
+class SearchIndexError(RuntimeError):
+    """An index that cannot be built, loaded or searched; the message names the path and reason."""
+
+
+class IndexMismatchError(SearchIndexError):
+    """An index built with another model (or dimension) than the one it is used with."""
+
+
+class IndexBusyError(SearchIndexError):
+    """Another process already appends to this index's write-ahead log."""
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def now() -> str:
+    """The time for a manifest: UTC, ISO 8601, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_manifest(
+    package: ModelPackage, factory: str, search_parameters: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The manifest of an empty index of `package`'s embeddings."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": package.name, "sha256": package.card["sha256"]},
+        "dim": package.embedding_dim,
+        "metric": METRIC,
+        "factory": factory,
+        "search_parameters": dict(search_parameters or {}),
+        "count": 0,
+        "created": now(),
+        "updated": now(),
+        "embedserve_version": __version__,
+    }
+
+
+def check_manifest(manifest: dict[str, Any], version: Path, dim: int, count: int) -> None:
+    """Raise SearchIndexError unless `manifest` (of the version folder `version`) is of this
+    format and version, and describes a FAISS index of `count` vectors of dimension `dim`."""
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise SearchIndexError(
+            f"{version / MANIFEST_FILE}: not an {FORMAT} v{FORMAT_VERSION} manifest"
+        )
+    if dim != manifest["dim"] or count != manifest["count"]:
+        raise SearchIndexError(
+            f"{version}: the FAISS index has {count} vectors of dim "
+            f"{dim}, the manifest says {manifest['count']} of dim {manifest['dim']}"
+        )
+
+
+def check_model(manifest: dict[str, Any], package: ModelPackage, where: str = "index") -> None:
+    """Raise IndexMismatchError unless the index of `manifest` was built with `package`'s model."""
+    model = manifest["model"]
+    if model["sha256"] != package.card["sha256"] or model["name"] != package.name:
+        raise IndexMismatchError(
+            f"{where} was built with model {model['name']!r} (sha256 {model['sha256'][:12]}), "
+            f"not {package.name!r} (sha256 {package.card['sha256'][:12]}): its embeddings are "
+            f"not comparable; rebuild the index with this model or use the one it was built with"
+        )
+    if manifest["dim"] != package.embedding_dim:
+        raise IndexMismatchError(
+            f"{where} holds {manifest['dim']}-d vectors, {package.name} makes "
+            f"{package.embedding_dim}-d"
+        )

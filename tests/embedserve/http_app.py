@@ -1,0 +1,154 @@
+"""A tiny app built by embedserve.http.app.create_app, with routes that use the HTTP plumbing the
+way embedserve.service does, for in-process tests (no model, no server subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request
+from PIL import Image
+from starlette.responses import Response
+
+from embedserve.batching import Overloaded
+from embedserve.config import ServeConfig
+from embedserve.http.app import create_app
+from embedserve.http.auth import check_api_key
+from embedserve.http.decode import decode_images
+from embedserve.http.errors import ClientError
+from embedserve.http.forms import parse_k, parse_metadata, read_images
+from embedserve.http.limits import body_hold
+from embedserve.http.schemas import json_response
+from embedserve.preprocess import Preprocess, preprocess
+
+KEY = "unit-test-key-0123456789"
+PRE = Preprocess(resize=16, crop_height=16, crop_width=16)
+MAX_PIXELS = 10_000
+
+
+def png(size: int = 24, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tiny_app(**settings) -> FastAPI:
+    """create_app(ServeConfig(**settings)) with routes over the plumbing:
+
+    POST /form     read_images (fields images, k, metadata) -> names, sizes, values, bytes held
+    POST /decode   read_images + decode_images (a real preprocess) -> the array's shape
+    POST /search   read_images + parse_k
+    POST /add      read_images + parse_metadata -> paths, labels
+    POST /slow     read_images, then waits for app.state.release (an asyncio.Event)
+    GET  /auth     check_api_key with KEY (open without one: /open; required: /required)
+    GET  /raise    raises ClientError(status, ...) or Overloaded (?kind=overloaded)
+    """
+    cfg = ServeConfig(**settings)
+    app = create_app(cfg)
+    pool = ThreadPoolExecutor(2)
+
+    async def read(request: Request, fields=("images", "k", "metadata")):
+        return await read_images(request, fields, cfg.max_request_bytes, cfg.max_images_per_request)
+
+    @app.post("/form")
+    async def form(request: Request) -> Response:
+        images, values = await read(request)
+        hold = body_hold(request)
+        return json_response(
+            {
+                "files": [[name, len(data)] for name, data in images],
+                "values": values,
+                "held": hold.bytes,
+                "used": hold.budget.used,
+            }
+        )
+
+    @app.post("/decode")
+    async def decode(request: Request) -> Response:
+        images, _ = await read(request, ("images",))
+        x = await decode_images(
+            images, lambda data: preprocess(data, PRE, max_pixels=MAX_PIXELS), pool
+        )
+        return json_response({"shape": list(x.shape)})
+
+    @app.post("/search")
+    async def search(request: Request) -> Response:
+        _, values = await read(request, ("images", "k"))
+        return json_response({"k": parse_k(values.get("k", "10"), cfg.max_k)})
+
+    @app.post("/add")
+    async def add(request: Request) -> Response:
+        images, values = await read(request, ("images", "metadata"))
+        paths, labels = parse_metadata(values.get("metadata"), images)
+        return json_response({"paths": paths, "labels": labels})
+
+    app.state.release = None
+
+    @app.post("/slow")
+    async def slow(request: Request) -> Response:
+        images, _ = await read(request, ("images",))
+        app.state.entered.set()
+        await app.state.release.wait()
+        return json_response({"n": len(images)})
+
+    @app.get("/auth")
+    async def auth(request: Request) -> Response:
+        check_api_key(request, KEY)
+        return json_response({"ok": True})
+
+    @app.get("/open")
+    async def open_(request: Request) -> Response:
+        check_api_key(request, None)
+        return json_response({"ok": True})
+
+    @app.get("/required")
+    async def required(request: Request, key: str | None = None) -> Response:
+        check_api_key(request, key, required=True)
+        return json_response({"ok": True})
+
+    @app.get("/raise")
+    async def raise_(status: int = 400, kind: str = "client", files: int = 0) -> Response:
+        if kind == "overloaded":
+            raise Overloaded("the batch queue is full")
+        if kind == "other":
+            raise RuntimeError("a bug")
+        named = [{"file": f"images[{i}]", "problem": "bad"} for i in range(files)]
+        headers = {"Retry-After": "1"} if status == 503 else None
+        raise ClientError(status, f"status {status}", named or None, headers)
+
+    return app
+
+
+def new_events(app: FastAPI) -> None:
+    """Fresh events for /slow, made in the running event loop."""
+    app.state.entered = asyncio.Event()
+    app.state.release = asyncio.Event()
+
+
+class Client:
+    """A synchronous client of an ASGI app in this process, through httpx's ASGI transport
+    (each call in its own event loop). With raise_app_exceptions=False, an exception that no
+    handler answers comes back as a 500, as a server would send it."""
+
+    def __init__(self, app: FastAPI, raise_app_exceptions: bool = True) -> None:
+        self.app, self.raise_app_exceptions = app, raise_app_exceptions
+
+    def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(
+                app=self.app, raise_app_exceptions=self.raise_app_exceptions
+            )
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.request(method, url, **kwargs)
+
+        return asyncio.run(send())
+
+    def get(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
