@@ -35,7 +35,7 @@ lint: $(VENV)/.train-installed
 	$(VENV)/bin/ruff format --check embedserve training tests benchmarks
 
 bench-train: $(VENV)/.train-installed
-	$(PY) benchmarks/train_throughput.py
+	$(PY) -m benchmarks.train_throughput
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -12,15 +12,14 @@ median over --repeats, the configurations taking turns so that the shared machin
 on all of them alike. On the CPU this is the training process's own augmentation when it runs
 without workers (the default on small machines); on a GPU the batched half runs on the device.
 
-    python benchmarks/augment_throughput.py                  # -> benchmarks/results/augment_throughput.json
-    python benchmarks/augment_throughput.py --threads 2 --repeats 7
+    python -m benchmarks.augment_throughput   # -> benchmarks/results/augment_throughput.json
+    python -m benchmarks.augment_throughput --threads 2 --repeats 7
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,27 +29,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import IMAGENETTE, RESULTS, command, image_files, machine, write_json
+from benchmarks.synthetic import patterns
+from training.augment import BatchPhotometric, TwoViews
 
-from training.augment import BatchPhotometric, TwoViews  # noqa: E402
-
-IMAGENETTE_TRAIN = ROOT.parent / "shared" / "datasets" / "imagenette-160" / "train"
+IMAGENETTE_TRAIN = IMAGENETTE / "train"
 
 
 def load_images(folder: Path | None, n: int, seed: int = 0) -> list[torch.Tensor]:
     """`n` uint8 CHW images: spread over the folder's files when given, else generated."""
     if folder is None:
-        rng = np.random.default_rng(seed)
-        ramp = np.linspace(0, 255, 160, dtype=np.float32)
-        out = []
-        for _ in range(n):
-            base = rng.uniform(0.3, 1.0, 3) * ramp[:, None, None] + rng.integers(
-                0, 40, (160, 160, 3)
-            )
-            out.append(torch.from_numpy(np.clip(base, 0, 255).astype(np.uint8)).permute(2, 0, 1))
-        return out
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        return [torch.from_numpy(img).permute(2, 0, 1) for img in patterns(n, 160, seed=seed)]
+    files = image_files(folder)
     if not files:
         raise SystemExit(f"error: no images under {folder}")
     picks = np.linspace(0, len(files) - 1, n).astype(int)
@@ -91,9 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=str(IMAGENETTE_TRAIN) if IMAGENETTE_TRAIN.is_dir() else None,
         help="image folder (default: Imagenette train if present, else generated images)",
     )
-    p.add_argument(
-        "--out", default=str(ROOT / "benchmarks" / "results" / "augment_throughput.json")
-    )
+    p.add_argument("--out", default=str(RESULTS / "augment_throughput.json"))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,13 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             rates[name].append(round(run(name), 1))
     result = {
-        "command": " ".join(["python benchmarks/augment_throughput.py", *(argv or sys.argv[1:])]),
-        "machine": {
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "command": command("augment_throughput", sys.argv[1:] if argv is None else argv),
+        "machine": machine(threads=torch.get_num_threads()),
         "torch": torch.__version__,
         "data": args.data or "generated",
         "method": args.method,
@@ -149,9 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         name: round(rate / base, 2) for name, rate in result["pairs_per_s"].items()
     }
     print(json.dumps({k: result[k] for k in ("pairs_per_s", "ratio_to_per_image")}))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

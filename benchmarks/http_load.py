@@ -1,4 +1,5 @@
-"""A light closed-loop HTTP load generator and a server-process helper, for benchmarks/serve_load.py.
+"""A light closed-loop HTTP load generator and a server-process helper, for the serving
+benchmarks (serve_load, soak, memory_ceiling).
 
 The generator shares the machine's cores with the server it measures, so it does almost nothing
 per request: every multipart body is built once, up front, from the JPEG files' bytes; C asyncio
@@ -22,6 +23,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -207,6 +209,15 @@ async def run_point(
         errors=errors,
         client_cpu_ms_per_request=round(1000 * (cpu_end - cpu_start) / max(n, 1), 3),
     )
+
+
+SERVICE = "embedserve.service:EmbedService"
+
+
+def service_command(port: int) -> list[str]:
+    """`bentoml serve` of the embedding service from this interpreter's environment, as `make
+    serve` runs it."""
+    return [str(Path(sys.executable).parent / "bentoml"), "serve", SERVICE, "--port", str(port)]
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ Each request holds `max_images_per_request` images that each declare just under
 The worker's RSS is sampled every 50 ms; the report gives idle, peak and peak - idle, against
 the README's ceiling: idle + 4 x max_inflight_bytes + decode threads x 8 B x max_image_pixels.
 
-    .venv/bin/python benchmarks/memory_ceiling.py   # -> benchmarks/results/memory_ceiling.json
+    python -m benchmarks.memory_ceiling   # -> benchmarks/results/memory_ceiling.json
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_load import BOUNDARY, ServerProcess, content_type, free_port, multipart_body  # noqa: E402
-from soak import BENTOML, REPO, worker_rss_mb  # noqa: E402
-
-from embedserve.config import ServeConfig  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, command, machine
+from benchmarks.http_load import (
+    BOUNDARY,
+    ServerProcess,
+    content_type,
+    free_port,
+    multipart_body,
+    service_command,
+)
+from benchmarks.soak import SERVER_ENV, worker_rss_mb
+from embedserve.config import ServeConfig
 
 
 def big_image(fmt: str, pixels: int) -> bytes:
@@ -58,14 +64,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-concurrency", type=int, default=4)
     parser.add_argument("--body-concurrency", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     cfg = ServeConfig()
     port = free_port()
-    cmd = [str(BENTOML), "serve", "embedserve.service:EmbedService", "--port", str(port)]
-    env = {"EMBEDSERVE_ACCESS_LOG": "false", "EMBEDSERVE_DEVICE": "cpu"}
+    log = Path("/tmp/memory-ceiling-server.log")
     results = {}
-    with ServerProcess(cmd, port, Path("/tmp/memory-ceiling-server.log"), env=env, cwd=REPO) as s:
+    with ServerProcess(service_command(port), port, log, env=SERVER_ENV, cwd=ROOT) as s:
         idle = worker_rss_mb(s.proc.pid)
         ceiling = round(
             idle
@@ -106,7 +111,8 @@ def main() -> int:
             }
             print(fmt, results[fmt], flush=True)
     report = {
-        "command": " ".join(["python", "benchmarks/memory_ceiling.py", *sys.argv[1:]]),
+        "command": command("memory_ceiling", sys.argv[1:]),
+        "machine": machine(),
         "limits": {
             "max_image_pixels": cfg.max_image_pixels,
             "max_images_per_request": cfg.max_images_per_request,

@@ -1,4 +1,4 @@
-"""The embedding server a user writes first: the baseline (b) of benchmarks/serve_load.py.
+"""The embedding server a user writes first: the baseline (b) of benchmarks.serve_load.
 
 A plain Starlette app under uvicorn, one worker: PyTorch eager torchvision ResNet-18 (fc replaced
 by Identity), each image decoded with PIL and transformed with torchvision transforms, one
@@ -10,7 +10,7 @@ as embedserve's service, so the same load generator drives both:
     POST /embed   multipart/form-data, field `images` repeated -> {"model", "dim", "embeddings"}
     GET  /readyz  200 once the model is loaded;   GET /info  what runs
 
-    python benchmarks/naive_torch_server.py --port 3001 [--size 128] [--device auto]
+    python -m benchmarks.naive_torch_server --port 3001 [--size 128] [--device auto]
 """
 
 from __future__ import annotations

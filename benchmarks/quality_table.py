@@ -1,13 +1,15 @@
 """The quality table: our training runs beside the published results, from the runs' metrics logs.
 
 Reads the runs listed in `benchmarks/quality_runs.json` (each a metrics log written by
-`python -m training.train`, copied into `benchmarks/results/`), and writes
+`python -m training.train`, copied into `benchmarks/results/logs/`: one file per run, or a
+folder per model trained in several schedules, one file per stage), and writes
   - benchmarks/results/quality.json and quality.md: method x dataset x epochs, our kNN top-1
     next to the published figure at its own epochs, the random initialisation of the same
     network (the run's `--eval-at-start` evaluation), training time and hardware;
-  - benchmarks/results/knn-<run>.png: kNN top-1 against epoch for each run.
+  - benchmarks/results/knn-<run>.png: kNN top-1 against epoch, one plot per model: for the
+    last run of a lineage (no other run continues it), its curve covering all the stages.
 
-    python benchmarks/quality_table.py
+    python -m benchmarks.quality_table
 """
 
 from __future__ import annotations
@@ -19,12 +21,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import RESULTS, ROOT
+from embedserve.package import lineage_epochs
 
-from embedserve.package import lineage_epochs  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 TITLE_WIDTH = 48  # characters of a run name per title line at the plot's size and 9 pt
 
 # Published ResNet-18 figures, from ../shared/guide/REFERENCE.md ("Published results").
@@ -172,7 +171,7 @@ def plot(row: dict[str, Any], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = out / f"knn-{row['name']}.png"
+    path = out / f"knn-{row['name'].replace('/', '-')}.png"
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -192,15 +191,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Embedding quality: our runs beside the published results",
         "",
-        "Written by `python benchmarks/quality_table.py` from the runs' metrics logs "
-        "(`benchmarks/quality_runs.json`). kNN top-1 in %: weighted kNN on backbone features, "
-        "cosine, T=0.07, gallery = train, queries = val (Imagenette) or test (CIFAR-10). "
-        "'final' is after the last epoch; 'best' is the best evaluated epoch (the published "
-        "figures are best epochs). Random init: the same network before training. Linear: "
-        "`embedserve eval --linear` on the exported package (logistic regression on frozen "
+        "Written by `python -m benchmarks.quality_table` from the runs' metrics logs "
+        "(`benchmarks/quality_runs.json`, logs in `logs/`). kNN top-1 in %: weighted kNN on "
+        "backbone features, cosine, T=0.07, gallery = train, queries = val (Imagenette) or test "
+        "(CIFAR-10). 'final' is after the last epoch; 'best' is the best evaluated epoch (the "
+        "published figures are best epochs). Random init: the same network before training. "
+        "Linear: `embedserve eval --linear` on the exported package (logistic regression on frozen "
         "centre-crop embeddings of train, top-1 on test). A run started from another run's "
         "encoder (`--init-from`, a new schedule with fresh heads) gives its epochs and training "
-        "time as earlier + its own; its random init is the earlier run's.",
+        "time as earlier + its own; its random init is the earlier run's. A model trained in "
+        "several schedules has a row per stage, `MODEL/NN-...` (its log "
+        "`logs/MODEL/NN-....metrics.jsonl`), the row `MODEL` being its last stage; each model "
+        "has one plot, `knn-MODEL.png`, its curve over all the stages.",
         "",
         "| run | method | dataset | epochs | kNN final | kNN best (epoch) | random init | "
         "published kNN (epochs) | linear | published linear | training | hardware |",
@@ -245,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {run["name"]: run for run in runs}
     rows = [summarize(run, run.get("knn_k", 20), by_name) for run in runs]
     if not args.no_plots:
+        continued = {run.get("continues") for run in runs}
         for row in rows:
-            row["plot"] = str(plot(row, out).relative_to(out))
+            if row["name"] not in continued:  # the last of its lineage: one plot per model
+                row["plot"] = str(plot(row, out).relative_to(out))
     (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "quality.md").write_text(markdown(rows))
     print(markdown(rows))

@@ -10,26 +10,23 @@ The vectors are synthetic but shaped like embeddings: L2-normalized points scatt
 random centres (cosine to their centre about 0.7), so that IVF and HNSW see clustered data as
 they do with real images; uniform random vectors would be unrealistically hard for them.
 
-    python benchmarks/search_benchmark.py [--sizes 1e4 1e5 1e6] [--dim 512] [--threads 2]
+    python -m benchmarks.search_benchmark [--sizes 1e4 1e5 1e6] [--dim 512] [--threads 2]
     # -> benchmarks/results/search_benchmark.json and .md
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import RESULTS, command, machine, write_json
+
 K = 10
 
 
@@ -217,15 +214,9 @@ def main() -> None:
     for size in ARGS.sizes:
         rows += run_size(int(size), centres, queries)
     results = {
-        "command": "python benchmarks/search_benchmark.py " + shlex.join(sys.argv[1:]),
+        "command": command("search_benchmark", sys.argv[1:]),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": ARGS.threads,
-            "faiss": faiss.__version__,
-            "numpy": np.__version__,
-        },
+        "machine": machine(threads=ARGS.threads, faiss=faiss.__version__, numpy=np.__version__),
         "data": f"synthetic: L2-normalized, {ARGS.dim}-d, around 1,000 random centres; "
         f"{ARGS.queries} distinct queries; recall@{K} against Flat on 100 queries",
         "protocol": f"queries/s: median of {ARGS.repeats} runs of >= {ARGS.min_time} s after a "
@@ -235,9 +226,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "results": rows,
     }
-    out = Path(ARGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_json(ARGS.out, results)
     out.with_suffix(".md").write_text(markdown(results) + "\n")
     print(markdown(results))
     print(f"\nwrote {out} and {out.with_suffix('.md')} in {results['seconds']} s")

@@ -6,44 +6,45 @@ In one run, on the same photos:
   - (a) the in-process pipeline: decode + preprocess (embedserve.preprocess) + ONNX Runtime
     (Encoder.embed) at the same batch sizes and at the server's max batch size, with the
     server's variant, device and thread count; what HTTP serving can at best approach;
-  - (b) the naive server a user writes first (benchmarks/naive_torch_server.py: PyTorch eager,
+  - (b) the naive server a user writes first (benchmarks.naive_torch_server: PyTorch eager,
     one image per forward call, no batching) under the same sweep.
 Ratios at concurrency 16 are checked against the targets: HTTP >= 0.85 of (a) with 8 images per
-request, >= 0.6 of (a) with 1, and >= 2x (b). The load generator (benchmarks/http_load.py) is
+request, >= 0.6 of (a) with 1, and >= 2x (b). The load generator (benchmarks.http_load) is
 one asyncio process sending pre-built multipart bodies; its CPU time per request is recorded.
 Photos: ../shared/datasets/imagenette-160/val when present, else generated JPEGs (recorded).
 Run it on a quiet machine: the load average before the run and after each point is recorded,
 and the naive server's OpenMP threads slow down several-fold when another process takes a core.
 
-    python benchmarks/serve_load.py                 # full run -> benchmarks/results/serve_load.{json,md}
-    python benchmarks/serve_load.py --quick         # smoke: 2 s points, concurrency 1 and 4 (to /tmp)
-    python benchmarks/serve_load.py --env EMBEDSERVE_MAX_BATCH_SIZE=16 --skip-naive
-    python benchmarks/serve_load.py --url http://127.0.0.1:3000   # a server already running
+    python -m benchmarks.serve_load            # full run -> benchmarks/results/serve_load.{json,md}
+    python -m benchmarks.serve_load --quick    # smoke: 2 s points, concurrency 1 and 4 (to /tmp)
+    python -m benchmarks.serve_load --env EMBEDSERVE_MAX_BATCH_SIZE=16 --skip-naive
+    python -m benchmarks.serve_load --url http://127.0.0.1:3000   # a server already running
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from http_load import (  # noqa: E402
+from benchmarks import synthetic
+from benchmarks.common import (
+    IMAGENETTE,
+    RESULTS,
+    ROOT,
+    command,
+    gpu_name,
+    image_files,
+    machine,
+    machine_line,
+)
+from benchmarks.http_load import (
     BOUNDARY,
     LoadError,
     ServerProcess,
@@ -52,15 +53,12 @@ from http_load import (  # noqa: E402
     http_get,
     multipart_body,
     run_point,
+    service_command,
 )
+from embedserve.package import Encoder, ModelPackage, PackageError, load_package
+from embedserve.preprocess import preprocess_batch
 
-from embedserve.package import Encoder, ModelPackage, PackageError, load_package  # noqa: E402
-from embedserve.preprocess import preprocess_batch  # noqa: E402
-
-IMAGENETTE_VAL = ROOT.parent / "shared" / "datasets" / "imagenette-160" / "val"
-RESULTS = ROOT / "benchmarks" / "results"
-SERVICE = "embedserve.service:EmbedService"
-NAIVE_SERVER = ROOT / "benchmarks" / "naive_torch_server.py"
+IMAGENETTE_VAL = IMAGENETTE / "val"
 RATIO_CONCURRENCY = 16
 # Targets of the serving issue, at concurrency 16: HTTP img/s over (a) at the same batch size,
 # by images per request, and HTTP img/s over the naive server (b).
@@ -68,70 +66,20 @@ PIPELINE_TARGETS = {8: 0.85, 1: 0.6}
 NAIVE_TARGET = 2.0
 
 
-# --- inputs and machine --------------------------------------------------------------------
+# --- inputs --------------------------------------------------------------------------------
 
 
 def load_jpegs(n: int) -> tuple[list[bytes], str]:
     """The bytes of `n` photos spread over Imagenette val's classes, or of `n` generated JPEGs
     when the dataset is absent; and a sentence saying which."""
     if IMAGENETTE_VAL.is_dir():
-        paths = sorted(
-            p for p in IMAGENETTE_VAL.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg")
-        )
+        paths = image_files(IMAGENETTE_VAL, (".jpeg", ".jpg"))
         step = max(1, len(paths) // n)
         chosen = paths[::step][:n]
         return [p.read_bytes() for p in chosen], (
             f"{len(chosen)} JPEG photos of {IMAGENETTE_VAL} (every {step}th file, 160x160, q80)"
         )
-    return generated_jpegs(n), f"{n} generated 160x160 JPEGs (q80): the dataset was absent"
-
-
-def generated_jpegs(n: int, size: int = 160, seed: int = 0) -> list[bytes]:
-    """`n` deterministic photo-sized JPEGs: smooth colour fields with noise (compress like photos,
-    unlike pure noise)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = []
-    for _ in range(n):
-        f = rng.uniform(1, 4, 3)
-        ph = rng.uniform(0, 2 * np.pi, 3)
-        img = np.stack([np.sin(2 * np.pi * f[c] * (xx + yy * c / 2) + ph[c]) for c in range(3)], -1)
-        img = 127.5 * (1 + 0.9 * img) + rng.normal(0, 12, img.shape)
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=80)
-        out.append(buf.getvalue())
-    return out
-
-
-def machine() -> dict:
-    """CPU model, core count, platform."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "platform": platform.platform()}
-
-
-def gpu_name() -> str | None:
-    """The first GPU's name from nvidia-smi, or None."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    names = out.stdout.strip().splitlines()
-    return names[0].strip() if out.returncode == 0 and names else None
+    return synthetic.jpegs(n), f"{n} generated 160x160 JPEGs (q80): the dataset was absent"
 
 
 # --- the server and the sweep --------------------------------------------------------------
@@ -204,13 +152,12 @@ def sweep(
     return rows
 
 
-def service_command(port: int) -> list[str]:
-    """`bentoml serve` from this interpreter's environment, as `make serve` runs it."""
-    return [str(Path(sys.executable).parent / "bentoml"), "serve", SERVICE, "--port", str(port)]
-
-
 def naive_command(port: int, size: int) -> list[str]:
-    return [sys.executable, str(NAIVE_SERVER), "--port", str(port), "--size", str(size)]
+    """The naive server (b), run from the repository root."""
+    return [
+        *(sys.executable, "-m", "benchmarks.naive_torch_server"),
+        *("--port", str(port), "--size", str(size)),
+    ]
 
 
 # --- (a): the in-process pipeline ----------------------------------------------------------
@@ -346,8 +293,8 @@ def markdown(result: dict) -> str:
         "# Serving load benchmark",
         "",
         f"- Command: `{result['command']}`",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}"
-        + (f"; GPU: {result['gpu']}" if result.get("gpu") else ""),
+        f"- Machine: {machine_line(m)}"
+        + (f" (the service ran on {result['gpu']})" if result.get("gpu") else ""),
         f"- Service: provider {info.get('provider', 'n/a')}, variant {info.get('variant', 'n/a')}, "
         f"threads {json.dumps(info.get('threads'))}, batching {json.dumps(batching)}, "
         f"workers {info.get('workers', 'n/a')}; "
@@ -680,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_args = dict(duration=args.duration, warmup=args.warmup)
 
     result: dict = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": command("serve_load", sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "loadavg_at_start": loadavg,
         "images": source,

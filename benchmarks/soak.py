@@ -5,8 +5,8 @@ Reports requests served, errors by kind (a documented 503 back-pressure answer c
 latency percentiles, and the worker's resident memory (RSS) sampled every few seconds: after
 warm-up and at the end. Pass: no error other than 503, RSS growth after warm-up under 50 MB.
 
-    .venv/bin/python benchmarks/soak.py                 # 10 minutes -> benchmarks/results/soak.{json,md}
-    .venv/bin/python benchmarks/soak.py --minutes 0.3 --out /tmp/soak   # a short check
+    python -m benchmarks.soak             # 10 minutes -> benchmarks/results/soak.{json,md}
+    python -m benchmarks.soak --minutes 0.3 --out /tmp/soak   # a short check
 """
 
 from __future__ import annotations
@@ -16,26 +16,34 @@ import asyncio
 import collections
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_load import (  # noqa: E402
+from benchmarks.common import (
+    IMAGENETTE,
+    RESULTS,
+    ROOT,
+    command,
+    image_files,
+    machine,
+    machine_line,
+)
+from benchmarks.http_load import (
     BOUNDARY,
     ServerProcess,
     content_type,
     free_port,
     latency_summary_ms,
     multipart_body,
+    service_command,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO.parent / "shared" / "datasets" / "imagenette-160" / "val"
-BENTOML = Path(sys.executable).with_name("bentoml")
+PHOTOS = IMAGENETTE / "val"
+# what the serving benchmarks run the service with: on the CPU, no access log
+SERVER_ENV = {"EMBEDSERVE_ACCESS_LOG": "false", "EMBEDSERVE_DEVICE": "cpu"}
 
 
 def worker_rss_mb(server_pid: int) -> float:
@@ -114,20 +122,18 @@ def main() -> int:
     parser.add_argument("--sample-every", type=float, default=5.0)
     parser.add_argument("--photos", type=Path, default=PHOTOS)
     parser.add_argument("--max-photos", type=int, default=500)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    files = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    files = image_files(args.photos, (".jpg", ".jpeg"))
     files = files[:: max(1, len(files) // args.max_photos)][: args.max_photos]  # every class
     if not files:
         raise SystemExit(f"no JPEG photos under {args.photos}")
     bodies = [multipart_body([f.read_bytes()]) for f in files]
     port = free_port()
-    env = {"EMBEDSERVE_ACCESS_LOG": "false", "EMBEDSERVE_DEVICE": "cpu"}
-    cmd = [str(BENTOML), "serve", "embedserve.service:EmbedService", "--port", str(port)]
     args.out.mkdir(parents=True, exist_ok=True)
     log = Path("/tmp") / f"soak-server-{os.getpid()}.log"
-    with ServerProcess(cmd, port, log, env=env, cwd=REPO) as server:
+    with ServerProcess(service_command(port), port, log, env=SERVER_ENV, cwd=ROOT) as server:
         result = asyncio.run(
             soak(
                 server.url + "/embed",
@@ -146,8 +152,8 @@ def main() -> int:
     statuses = result["statuses"]
     errors = sum(n for k, n in statuses.items() if k not in ("200", "503"))
     report = {
-        "command": " ".join(["python", "benchmarks/soak.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores (shared), no GPU",
+        "command": command("soak", sys.argv[1:]),
+        "machine": machine(),
         "minutes": args.minutes,
         "concurrency": args.concurrency,
         "photos": len(files),
@@ -172,8 +178,8 @@ def main() -> int:
     rss = report["rss_mb"]
     (args.out / "soak.md").write_text(
         f"# Soak: {args.minutes:g} min, concurrency {args.concurrency}, real photos\n\n"
-        f"`{report['command']}` on {report['machine']}; {len(files)} Imagenette val JPEGs, one "
-        "per request, POST /embed on loopback; the default model on the CPU.\n\n"
+        f"`{report['command']}` on {machine_line(report['machine'])}; {len(files)} Imagenette val "
+        "JPEGs, one per request, POST /embed on loopback; the default model on the CPU.\n\n"
         "| requests | 200 | 503 (back-pressure) | errors | req/s | p50 | p95 | p99 |\n"
         "|---|---|---|---|---|---|---|---|\n"
         f"| {report['requests']} | {report['served_200']} | {report['back_pressure_503']} | "

@@ -14,15 +14,15 @@ drift falls on all of them alike; each figure is the median over the repeats. It
 whether data loading keeps up: the two-view augmentation pipeline alone (pairs/s by worker
 count) and the real loader feeding the real step.
 
-    python benchmarks/train_throughput.py                      # full grid -> benchmarks/results/train_throughput.json
-    python benchmarks/train_throughput.py --methods simsiam --sizes 128 --repeats 3 --ablation
+    python -m benchmarks.train_throughput     # -> benchmarks/results/train_throughput.json
+    python -m benchmarks.train_throughput --methods simsiam --sizes 128 --repeats 3 --ablation
+    python -m benchmarks.train_throughput --end-to-end --sizes 96 128   # seconds per epoch
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from training.config import TrainConfig  # noqa: E402
-from training.trainer import (  # noqa: E402
+from benchmarks.common import IMAGENETTE, RESULTS, ROOT, command, image_files, machine, write_json
+from benchmarks.synthetic import write_image_folder
+from training.config import TrainConfig
+from training.trainer import (
     Trainer,
     cpu_bf16_speedup,
     cpu_has_native_bf16,
@@ -44,13 +43,8 @@ from training.trainer import (  # noqa: E402
     resolve_precision,
 )
 
-IMAGENETTE = ROOT.parent / "shared" / "datasets" / "imagenette-160"
-
 
 def _generated_folder(root: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import write_image_folder
-
     write_image_folder(root / "train", per_class=48, size=160, seed=0)
     write_image_folder(root / "val", per_class=8, size=160, seed=1)
     return root
@@ -96,7 +90,7 @@ def make_trainer(
         backbone=backbone,
         data=data,
         image_size=size,
-        cifar_stem=size <= 64,
+        cifar_stem=size <= 32,
         batch_size=batch_size,
         epochs=1,
         workers=0,
@@ -112,9 +106,10 @@ def make_trainer(
 def measure_in_child(job: dict) -> float:
     """One measurement in a fresh Python process (`--measure JOB`); returns its images/s."""
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", json.dumps(job)],
+        [sys.executable, "-m", "benchmarks.train_throughput", "--measure", json.dumps(job)],
         capture_output=True,
         text=True,
+        cwd=ROOT,
     )
     if out.returncode != 0:
         raise RuntimeError(f"measurement {job} failed:\n{out.stderr[-3000:]}")
@@ -133,7 +128,10 @@ def measure(job: dict) -> None:
             str(Path(tmp) / "run"),
             job["overrides"],
         )
-        print(step_rate(trainer, job["batch_size"], job["size"], job["warmup"], job["steps"]))
+        if job.get("end_to_end"):
+            print(end_to_end_rate(trainer, 0, job["steps"], warmup=job["warmup"]))
+        else:
+            print(step_rate(trainer, job["batch_size"], job["size"], job["warmup"], job["steps"]))
 
 
 def loader_rate(trainer: Trainer, workers: int, batches: int) -> float:
@@ -149,11 +147,11 @@ def loader_rate(trainer: Trainer, workers: int, batches: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def end_to_end_rate(trainer: Trainer, workers: int, steps: int) -> float:
+def end_to_end_rate(trainer: Trainer, workers: int, steps: int, warmup: int = 2) -> float:
     """Images/s of the real loader feeding the real step (what a training run gets)."""
     trainer.cfg.workers = workers
     it = iter(trainer._loader())
-    for _ in range(2):  # warm-up
+    for _ in range(warmup):
         trainer.train_step(*next(it))
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -182,7 +180,14 @@ def main() -> None:
         default=str(IMAGENETTE) if IMAGENETTE.is_dir() else None,
         help="image folder for the data-loading measurements (default: Imagenette if present, else generated)",
     )
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    p.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
+    p.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="time what a training run gets instead: the real loader (decoding and augmenting "
+        "in the training process, as on a small CPU) feeding the real step, with the project's "
+        "defaults only; seconds per epoch follow from it (the epoch plan of a recipe)",
+    )
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement, in a child
     args = p.parse_args()
     if args.measure:
@@ -192,17 +197,16 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     data = args.data or str(_generated_folder(Path(tmp.name) / "data"))
     configs = {**CONFIGS, **(ABLATION if args.ablation else {})}
+    if args.end_to_end:
+        configs = {"project": {}}
     results = {
-        "command": " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]]),
-        "machine": {
-            "cpu_count": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "cpu_native_bf16": cpu_has_native_bf16(),
+        "command": command("train_throughput", sys.argv[1:]),
+        "machine": machine(
+            threads=torch.get_num_threads(),
+            cpu_native_bf16=cpu_has_native_bf16(),
             # the probe behind precision auto on the CPU (fp32 / bf16 time of a convolution step)
-            "cpu_bf16_speedup": round(cpu_bf16_speedup(), 2) if cpu_has_native_bf16() else None,
-        },
+            cpu_bf16_speedup=round(cpu_bf16_speedup(), 2) if cpu_has_native_bf16() else None,
+        ),
         # what the project's precision "auto" became on the device the steps run on
         "project_precision": precision_name(
             resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -234,18 +238,27 @@ def main() -> None:
                             "overrides": overrides,
                             "warmup": args.warmup,
                             "steps": args.steps,
+                            "end_to_end": args.end_to_end,
                         }
                         runs[name].append(round(measure_in_child(job), 1))
                 for name, rates in runs.items():
                     row[f"{name}_img_s"] = round(statistics.median(rates), 1)
                     row[f"{name}_runs"] = rates
+                if args.end_to_end:
+                    train_images = _count_train_images(data)
+                    row["train_images"] = train_images
+                    row["epoch_s"] = round(train_images / row["project_img_s"], 1)
                 for name in configs:
-                    if name != "plain":
+                    if name != "plain" and "plain" in configs:
                         key = "ratio" if name == "project" else f"{name}_ratio"
                         row[key] = round(row[f"{name}_img_s"] / row["plain_img_s"], 2)
                 print(json.dumps(row), flush=True)
                 results["model_only"].append(row)
 
+    if args.end_to_end:
+        results["unit"] = "images/s of the real loader feeding the real step (workers 0)"
+        _write(results, args.out)
+        return
     # Does data loading keep up? Pipeline alone, then the real loader feeding the real step.
     size = max(args.sizes)
     trainer = make_trainer(
@@ -275,9 +288,17 @@ def main() -> None:
     print(json.dumps(row), flush=True)
     results["data_loading"].append(row)
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    _write(results, args.out)
+
+
+def _write(results: dict, out: str) -> None:
+    print(f"wrote {write_json(out, results)}")
+
+
+def _count_train_images(data: str) -> int:
+    """Images of the training split of a class-per-folder directory (its train/ if present)."""
+    root = Path(data) / "train" if (Path(data) / "train").is_dir() else Path(data)
+    return len(image_files(root))
 
 
 if __name__ == "__main__":

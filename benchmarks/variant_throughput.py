@@ -7,7 +7,7 @@ Then, on this CPU, how far each variant's embeddings are from fp32's (cosine per
 --parity-images photos spread over all classes) against the min cosine its card allows: the
 card's parity was measured on the exporting machine, and int8 kernels differ by instruction set.
 
-    python benchmarks/variant_throughput.py [--package NAME] [--threads 2]
+    python -m benchmarks.variant_throughput [--package NAME] [--threads 2]
     # -> benchmarks/results/variant_throughput.json
 """
 
@@ -16,39 +16,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import IMAGENETTE, RESULTS, command, image_files, machine, write_json
+from benchmarks.synthetic import patterns
+from embedserve.package import Encoder, cpu_has_vnni, load_package
+from embedserve.preprocess import preprocess
 
-from embedserve.package import Encoder, cpu_flags, cpu_has_vnni, load_package  # noqa: E402
-from embedserve.preprocess import preprocess  # noqa: E402
-
-IMAGENETTE_VAL = ROOT.parent / "shared" / "datasets" / "imagenette-160" / "val"
+IMAGENETTE_VAL = IMAGENETTE / "val"
 
 
 def images(pre, n: int, spread: bool = False) -> np.ndarray:
     """n preprocessed photos: the first n of Imagenette val (spread: n picked evenly over all of
     it), else generated images."""
     if IMAGENETTE_VAL.is_dir():
-        paths = sorted(
-            p for p in IMAGENETTE_VAL.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png")
-        )
+        paths = image_files(IMAGENETTE_VAL)
         if spread:
             paths = [
                 paths[i] for i in np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int)
             ]
         return np.stack([preprocess(p, pre) for p in paths[:n]])
-    rng = np.random.default_rng(0)
-    return np.stack(
-        [preprocess(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8), pre) for _ in range(n)]
-    )
+    return np.stack([preprocess(img, pre) for img in patterns(n, 160)])
 
 
 def variant_parity(package, data: np.ndarray, threads: int | None) -> dict[str, dict]:
@@ -86,9 +78,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256, help="images embedded per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--parity-images", type=int, default=1024, help="0: skip the parity check")
-    p.add_argument(
-        "--out", default=str(ROOT / "benchmarks" / "results" / "variant_throughput.json")
-    )
+    p.add_argument("--out", default=str(RESULTS / "variant_throughput.json"))
     args = p.parse_args()
 
     package = load_package(args.package)
@@ -123,11 +113,10 @@ def main() -> None:
     for variant, row in parity.items():
         print(json.dumps({"parity": variant, **row}), flush=True)
     result = {
+        "command": command("variant_throughput", sys.argv[1:]),
         "package": package.name,
         "threads": args.threads,
-        "cpu_vnni": cpu_has_vnni(),
-        "cpu_avx2": "avx2" in cpu_flags(),
-        "platform": platform.platform(),
+        "machine": machine(cpu_vnni=cpu_has_vnni()),  # what int8 speed and parity depend on
         "unit": "images/s, preprocessed uint8 input, ONNX Runtime CPU",
         "input": f"{package.card['input']['height']}x{package.card['input']['width']}",
         "rows": rows,
@@ -135,9 +124,7 @@ def main() -> None:
         "parity_images": f"{args.parity_images} "
         + ("Imagenette val photos, evenly spread" if IMAGENETTE_VAL.is_dir() else "generated"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
 
 
 if __name__ == "__main__":

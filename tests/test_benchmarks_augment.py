@@ -1,18 +1,13 @@
-"""benchmarks/augment_throughput.py measures both augmentation paths on the same images and
+"""benchmarks.augment_throughput measures both augmentation paths on the same images and
 writes what it measured (generated images here: no dataset needed)."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import augment_throughput  # noqa: E402
+from benchmarks import augment_throughput
 
 
 def test_the_benchmark_times_both_paths_and_writes_ratios(tmp_path, monkeypatch):

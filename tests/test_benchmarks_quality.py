@@ -1,18 +1,15 @@
-"""The quality table (benchmarks/quality_table.py) reads what the trainer writes: a metrics log
+"""The quality table (benchmarks.quality_table) reads what the trainer writes: a metrics log
 made by a real short run gives the row and the plot, and the shipped manifest's logs parse."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import quality_table  # noqa: E402
+from benchmarks import quality_table
+from benchmarks.common import ROOT
 
 
 def write_log(path: Path, init: float, per_epoch: list[float], seconds: float) -> None:

@@ -1,4 +1,4 @@
-"""The pure parts of the serving load benchmark (benchmarks/http_load.py) and its naive server.
+"""The pure parts of the serving load benchmark (benchmarks.http_load) and its naive server.
 
 The percentile and multipart helpers decide what the benchmark reports and what the servers
 receive, so they are pinned against independent implementations (numpy, the standard library's
@@ -15,15 +15,13 @@ import json
 import os
 import sys
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from http_load import (  # noqa: E402
+from benchmarks.common import ROOT
+from benchmarks.http_load import (
     BOUNDARY,
     ServerProcess,
     check_answer,
@@ -34,8 +32,6 @@ from http_load import (  # noqa: E402
     percentile,
     run_point,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _jpeg(seed: int, size: int = 40) -> bytes:
@@ -122,7 +118,7 @@ def test_naive_server_answers_embed_and_the_load_generator_drives_it(tmp_path):
     pytest.importorskip("torchvision", reason="the naive server needs torchvision")
     pytest.importorskip("aiohttp", reason="the load generator needs aiohttp")
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "naive_torch_server.py"), "--port", str(port)]
+    cmd = [sys.executable, "-m", "benchmarks.naive_torch_server", "--port", str(port)]
     with ServerProcess(cmd, port, tmp_path / "naive.log", cwd=ROOT, ready_timeout=120) as server:
         files = [_jpeg(0, 160), _jpeg(1, 200)]
         request = urllib.request.Request(
@@ -157,7 +153,7 @@ def test_naive_server_answers_embed_and_the_load_generator_drives_it(tmp_path):
 
 
 def _serve_load():
-    import serve_load
+    from benchmarks import serve_load
 
     return serve_load
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.synthetic import make_pattern
 from embedserve.package import Encoder, cpu_has_vnni, load_package
-from tests.conftest import make_pattern
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "training" / "gpu"))
-
-import plan  # noqa: E402
+from training.gpu import plan  # training/gpu/ has no __init__.py: a namespace package
 
 
 def write_measurements(folder: Path, epoch_s: list[float], eval_s: float, steps: int = 100):
