@@ -1,23 +1,27 @@
-"""The quality table: our training runs beside the published results, from the runs' metrics logs.
+"""The quality table: the methods side by side, and every run beside the published results.
 
-Reads the runs listed in `benchmarks/quality_runs.json` (each a metrics log written by
-`python -m training.train`, copied into `benchmarks/results/logs/`: one file per run, or a
-folder per model trained in several schedules, one file per stage), and writes
-  - benchmarks/results/quality.json and quality.md: method x dataset x epochs, our kNN top-1
-    next to the published figure at its own epochs, the random initialisation of the same
-    network (the run's `--eval-at-start` evaluation), training time and hardware;
-  - benchmarks/results/knn-<run>.png: kNN top-1 against epoch, one plot per model: for the
-    last run of a lineage (no other run continues it), its curve covering all the stages.
+From `benchmarks/quality_runs.json`: "comparison", the equal-budget runs of the three methods,
+each named by its recipe (training/recipes/: method, epochs, resolution, OUT of its live log
+OUT/metrics.jsonl) with a committed copy of its log, `benchmarks/results/logs/NAME.metrics.jsonl`;
+"runs", earlier runs' logs (one file per run, or a folder per model trained in several schedules,
+one file per stage). Writes into benchmarks/results/: quality.json and quality.md (a row per
+method run and one for the shipped default, models/DEFAULT: an exported package's figures from
+its card and `embedserve eval` report, else its log's latest evaluation; then a row per run),
+knn-methods.png (kNN per epoch, a line per method) and knn-<model>.png (one per lineage).
 
-    python -m benchmarks.quality_table
+    python -m benchmarks.quality_table               # from the committed logs
+    python -m benchmarks.quality_table --sync-logs   # first copies each live log over its
+                                                     # committed copy when it extends it
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,8 @@ PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
     ("simsiam", "cifar10"): {"knn": 0.819, "epochs": 200, "k": 200, "linear": 0.9051},
 }
 PUBLISHED_SOURCE = {
-    "imagenette-160": "lightly benchmarks: 128 px, batch 256, 800 epochs, kNN k=20 on val "
-    "(T=0.1), best epoch, one A6000 GPU",
+    "imagenette-160": "lightly benchmarks: 128 px, batch 256, 800 epochs, best epoch on val, one "
+    "A6000 GPU; lightly's docs say kNN k=20, its benchmark script's kNN helper uses k=200, T=0.1",
     "cifar10": "lightly benchmarks: 200 epochs, batch 128, kNN k=200 (T=0.1), one A6000; "
     "linear probe: solo-learn, 1000 epochs",
 }
@@ -148,14 +152,28 @@ def title_lines(name: str, width: int = TITLE_WIDTH) -> list[str]:
     return textwrap.wrap(name, width, break_on_hyphens=True)
 
 
-def plot(row: dict[str, Any], out: Path) -> Path:
+def figure(size: tuple[float, float]) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size, dpi=120)
+
+
+def save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot(row: dict[str, Any], out: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    fig, ax = figure((5, 3.4))
     xs = [p["epoch"] for p in row["curve"]]
     ys = [p["knn"] for p in row["curve"]]
     ax.plot(xs, ys, marker="o", label=f"{row['method']} (ours)")
@@ -170,11 +188,7 @@ def plot(row: dict[str, Any], out: Path) -> Path:
     ax.set_title("\n".join(title_lines(row["name"])), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = out / f"knn-{row['name'].replace('/', '-')}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, out / f"knn-{row['name'].replace('/', '-')}.png")
 
 
 def pct(v: float | None) -> str:
@@ -187,9 +201,12 @@ def linear_cell(row: dict[str, Any]) -> str:
     return f"{pct(row['linear'])} (random init {pct(row['random_init_linear'])})"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], methods: list[dict[str, Any]] | None = None) -> str:
     lines = [
-        "# Embedding quality: our runs beside the published results",
+        "# Embedding quality: the methods side by side, and our runs beside the published results",
+        "",
+        *(methods_markdown(methods) if methods else []),
+        "## Every run",
         "",
         "Written by `python -m benchmarks.quality_table` from the runs' metrics logs "
         "(`benchmarks/quality_runs.json`, logs in `logs/`). kNN top-1 in %: weighted kNN on "
@@ -233,6 +250,268 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- the methods side by side: the equal-budget runs and the shipped default -----------------
+
+# lightly's Imagenette ResNet-18 kNN top-1 at 200 and 800 epochs (../shared/guide/REFERENCE.md)
+LIGHTLY = {"barlow_twins": (0.651, 0.852), "byol": (0.705, 0.887), "simsiam": (0.752, 0.872)}
+METHOD_NAMES = {"barlow_twins": "Barlow Twins", "byol": "BYOL", "simsiam": "SimSiam"}
+COLOURS = {"simsiam": "tab:green", "byol": "tab:orange", "barlow_twins": "tab:blue"}
+# the CPU feature that decides a stretch's kernels, best first (the start record's cpu.flags)
+CPU_FEATURES = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx2", "AVX2")]
+HARDWARE = re.compile(r"CPU, \d+ cores \(([^,)]+)(?:, ([^)]+))?\), (\w+)")
+METHODS_NOTES = """
+- Percentages. Equal budget: one uninterrupted schedule per method from its recipe
+  (`training/recipes/`), 200 epochs, batch 128. kNN: weighted, cosine, on backbone embeddings;
+  gallery = Imagenette train, queries = val. 'exported': the package's figures, from its card
+  (measured on model.onnx at export) and `embedserve eval` (`eval-NAME/eval.json`; linear probe
+  with `--linear`); 'online (epoch E)': the training log's latest evaluation (every 5 epochs,
+  at T=0.07 only). Random init: kNN k=20 of the untrained ResNet-18 (`--eval-at-start`).
+- lightly: published Imagenette ResNet-18 kNN top-1 (batch 256, 128 px, best epoch, one A6000);
+  its docs say k=20, its benchmark script's kNN helper uses k=200, T=0.1: compare with both.
+- Hours: the sum of the logged epoch times (an interrupted epoch counts from its resume). CPUs:
+  each stretch's (a start or resume of the run), from its start record ('xN': N stretches).
+- Logs: `python -m benchmarks.quality_table --sync-logs` copies each live
+  `runs/NAME/metrics.jsonl` over `logs/NAME.metrics.jsonl`. Curves: `knn-methods.png`.
+"""
+
+
+def cpu_label(start: dict[str, Any], hardware: str | None = None) -> str:
+    """A stretch's CPU from its start record, else (logs older than the records' `cpu`) from the
+    manifest's hardware line ("CPU, 2 cores (AMD EPYC, AVX2 only), fp32")."""
+    if cpu := start.get("cpu"):
+        feature = next((name for flag, name in CPU_FEATURES if flag in cpu.get("flags", [])), None)
+        model, parts = cpu["model"], [feature, start.get("precision")]
+    elif m := HARDWARE.fullmatch(hardware or ""):
+        model, parts = m[1], [m[2], m[3]]
+    else:
+        return hardware or "?"
+    parts = [p for p in parts if p]
+    return f"{model} ({', '.join(parts)})" if parts else model
+
+
+def stage_facts(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Epochs, seconds, CPUs, resolutions and evaluations of a run's logs, first stage first.
+
+    Per epoch the last record counts (a run resumed from a checkpoint older than its last epoch
+    record logs that epoch again); every start record (a start or a resume) is a stretch."""
+    facts: dict[str, Any] = {"epochs": 0, "seconds": 0.0, "cpus": [], "plan": [], "evals": []}
+    facts["init"] = facts["config"] = None
+    for stage in stages:
+        path = ROOT / stage["metrics"]
+        records = read_log(path) if path.exists() else []
+        starts = [r for r in records if r["kind"] == "start"]
+        if not starts:
+            continue
+        epochs = {r["epoch"]: r["seconds"] for r in records if r["kind"] == "epoch"}
+        evals = {r["epoch"]: r for r in records if r["kind"] == "eval" and r.get("tag") != "init"}
+        init = next((r for r in records if r["kind"] == "eval" and r.get("tag") == "init"), None)
+        if init is not None and stage is stages[0]:  # the first stage's: a random network
+            facts["init"] = init.get("knn_top1_k20")
+        offset, done = facts["epochs"], max(epochs, default=0)
+        facts["evals"] += [{**evals[e], "epoch": offset + e} for e in sorted(evals)]
+        facts["epochs"] += done
+        facts["seconds"] += sum(epochs.values())
+        facts["cpus"] += [cpu_label(s, stage.get("hardware")) for s in starts]
+        cfg = facts["config"] = starts[-1]["config"]
+        facts["plan"].append((cfg["image_size"], cfg.get("eval_size") or cfg["image_size"], done))
+    return facts
+
+
+def resolution(plan: list[tuple[int, int, int]]) -> str:
+    """'96 px crops, 128 px eval'; a lineage trained at several sizes gives each size's epochs."""
+    crops: list[list[int]] = []
+    for size, _, epochs in plan:
+        if crops and crops[-1][0] == size:
+            crops[-1][1] += epochs
+        else:
+            crops.append([size, epochs])
+    if len(crops) <= 1:
+        return f"{plan[0][0]} px crops, {plan[-1][1]} px eval" if plan else "-"
+    sizes = ", then ".join(f"{size} px crops ({epochs} ep)" for size, epochs in crops)
+    return f"{sizes}; {plan[-1][1]} px eval"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def package_figures(card: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The exported package's kNN (its `embedserve eval` report over its card), retrieval, linear."""
+    knn = {(e["k"], e["temperature"]): e["top1"] for e in card["metrics"]["knn"]}
+    knn |= {(e["k"], e["temperature"]): e["top1"] for e in report.get("knn", [])}
+    k200 = (200, 0.1) if (200, 0.1) in knn else next((k for k in knn if k[0] == 200), (200, None))
+    retrieval = report.get("retrieval", {})
+    return {
+        "source": "exported" if report else "exported (card only)",
+        "knn_k20": knn.get((20, 0.07)),
+        "knn_k200": knn.get(k200),
+        "knn_k200_temperature": k200[1],
+        "recall@1": retrieval.get("recall@1"),
+        "map@r": retrieval.get("map@r"),
+        "linear": report.get("linear", {}).get("top1"),
+    }
+
+
+def method_row(
+    name: str, method: str, role: str, stages: list[dict], planned: int | None, init: float | None
+) -> dict[str, Any]:
+    """One row of the methods table: the package's figures once exported, else the log's."""
+    f = stage_facts(stages)
+    card = read_json(ROOT / "models" / name / "card.json")
+    report = read_json(ROOT / "benchmarks" / "results" / f"eval-{name}" / "eval.json") or {}
+    row: dict[str, Any] = {"name": name, "method": method, "role": role, "source": None}
+    if card:
+        row |= package_figures(card, report)
+    elif f["evals"]:
+        last = f["evals"][-1]
+        row |= {"source": "online", "source_epoch": last["epoch"]}
+        row |= {"knn_k20": last.get("knn_top1_k20"), "knn_k200": last.get("knn_top1_k200")}
+        row["knn_k200_temperature"] = f["config"]["knn_temperature"]  # the log's only T
+    if card:
+        package = f"models/{name}"
+    elif f["config"] is None:
+        package = "not started"
+    elif planned is not None and f["epochs"] < planned:
+        package = f"in progress: epoch {f['epochs']} of {planned}"
+    else:
+        package = "not exported yet"
+    training = (card or {}).get("training", {})
+    seconds = f["seconds"] if f["config"] else training.get("duration_seconds")
+    lightly = LIGHTLY.get(method, (None, None))
+    return row | {
+        "package": package,
+        "random_init": f["init"] if f["init"] is not None else init,
+        "lightly_200": lightly[0],
+        "lightly_800": lightly[1],
+        "epochs": f["epochs"],
+        "epochs_planned": planned,
+        "stages": len(stages),
+        "resolution": resolution(f["plan"]),
+        "hours": None if seconds is None else round(seconds / 3600, 2),
+        "cpus": f["cpus"],
+        "curve": [{"epoch": e["epoch"], "knn": e.get("knn_top1_k20")} for e in f["evals"]],
+    }
+
+
+def lineage(name: str, runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The manifest's stages of a model, first first, following "continues" back from `name`."""
+    stages = []
+    while name in runs:
+        stages.insert(0, runs[name])
+        name = runs[name].get("continues")
+    return stages
+
+
+def method_rows(
+    comparison: list[dict[str, Any]], runs: dict[str, dict[str, Any]], rows: dict[str, dict]
+) -> list[dict[str, Any]]:
+    """A row per comparison run (from its recipe and committed log), then the shipped default
+    (models/DEFAULT), its stages the manifest's runs of its lineage."""
+    out = []
+    for entry in comparison:
+        recipe = tomllib.loads((ROOT / entry["recipe"]).read_text())
+        init = rows[entry["random_init_from"]]["random_init"]
+        planned = recipe["epochs"]
+        out.append(
+            method_row(entry["name"], recipe["method"], "equal budget", [entry], planned, init)
+        )
+        if out[-1]["resolution"] == "-":  # not started: the recipe's plan
+            size = recipe["image_size"]
+            out[-1]["resolution"] = resolution([(size, recipe.get("eval_size") or size, 0)])
+    if (ROOT / "models" / "DEFAULT").exists():
+        name = (ROOT / "models" / "DEFAULT").read_text().strip()
+        stages = [e for e in comparison if e["name"] == name] or lineage(name, runs)
+        card = read_json(ROOT / "models" / name / "card.json") or {}
+        method = card.get("method") or rows.get(name, {}).get("method", "?")
+        init = rows.get(name, {}).get("random_init")
+        out.append(method_row(name, method, "shipped default", stages, None, init))
+    return out
+
+
+def sync_logs(comparison: list[dict[str, Any]]) -> list[str]:
+    """Copy each live log (the recipe's OUT/metrics.jsonl, not committed) over its committed
+    copy when it is longer; whole lines only (the trainer may be writing one). A live log that
+    does not begin with the committed one (a different run) is refused."""
+    done = []
+    for entry in comparison:
+        recipe = tomllib.loads((ROOT / entry["recipe"]).read_text())
+        live, committed = ROOT / recipe["out"] / "metrics.jsonl", ROOT / entry["metrics"]
+        if not live.exists():
+            continue
+        text = live.read_text()
+        text = text[: text.rfind("\n") + 1]
+        old = committed.read_text() if committed.exists() else ""
+        if len(text) <= len(old):
+            continue
+        if not text.startswith(old):
+            raise ValueError(f"{live} does not continue {committed}: not copied")
+        committed.parent.mkdir(parents=True, exist_ok=True)
+        committed.write_text(text)
+        done.append(f"synced {entry['metrics']} from {recipe['out']}/metrics.jsonl")
+    return done
+
+
+def plot_methods(rows: list[dict[str, Any]], out: Path) -> Path:
+    """kNN top-1 (k=20) against epoch, a line per comparison run; lightly's 200-epoch figures
+    dashed in the same colours; a run in progress ends where it is."""
+    fig, ax = figure((7, 5))
+    runs = [r for r in rows if r["role"] == "equal budget"]
+    for r in runs:
+        colour, label = COLOURS.get(r["method"]), METHOD_NAMES.get(r["method"], r["method"])
+        xs, ys = [p["epoch"] for p in r["curve"]], [p["knn"] for p in r["curve"]]
+        done = f"{r['epochs']}/{r['epochs_planned']} ep"
+        ax.plot(xs, ys, marker="o", ms=3, color=colour, label=f"{label}, ours ({done})")
+        if r["lightly_200"] is not None:
+            ax.axhline(
+                r["lightly_200"], color=colour, ls="--", lw=1, label=f"{label}, lightly 200 ep"
+            )
+    inits = [r["random_init"] for r in runs if r["random_init"] is not None]
+    if inits:  # labelled on the plot: the legend keeps a column per method
+        ax.axhline(inits[0], color="grey", ls=":", lw=1)
+        ax.text(2, inits[0] + 0.004, "random init", color="grey", fontsize=7)
+    ax.set_xlim(0, max([r["epochs_planned"] or 0 for r in runs] + [1]))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (k=20, T=0.07, val at 128 px)")
+    ax.set_title("Equal budget: ResNet-18 on Imagenette, 200 epochs, batch 128", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7, ncol=3)
+    return save(fig, out / "knn-methods.png")
+
+
+def methods_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## The methods side by side",
+        "",
+        "| method | package | figures | kNN k=20 T=0.07 | kNN k=200 T=0.1 | recall@1 | mAP@R | "
+        "linear | random init | lightly 200 ep | lightly 800 ep | epochs | resolution | "
+        "hours | CPUs of its stretches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        source = r["source"] or "-"
+        if source == "online":
+            source = f"online (epoch {r['source_epoch']})"
+        k200 = pct(r.get("knn_k200"))
+        if r.get("knn_k200") is not None and r["knn_k200_temperature"] != 0.1:
+            k200 += f" (T={r['knn_k200_temperature']})"
+        epochs = f"{r['epochs']} / {r['epochs_planned']}"
+        if r["epochs_planned"] is None:
+            epochs = f"{r['epochs']} ({r['stages']} stages)"
+        hours = "-" if r["hours"] is None else f"{r['hours']:.1f}"
+        counts = {cpu: r["cpus"].count(cpu) for cpu in r["cpus"]}  # in order of first use
+        cpus = "; ".join(f"{c} x{n}" if n > 1 else c for c, n in counts.items()) or "-"
+        method = METHOD_NAMES.get(r["method"], r["method"])
+        if r["role"] != "equal budget":
+            method += f" ({r['role']})"
+        lines.append(
+            f"| {method} | {r['package']} | {source} | {pct(r.get('knn_k20'))} | {k200} | "
+            f"{pct(r.get('recall@1'))} | {pct(r.get('map@r'))} | {pct(r.get('linear'))} | "
+            f"{pct(r['random_init'])} | {pct(r['lightly_200'])} | {pct(r['lightly_800'])} | "
+            f"{epochs} | {r['resolution']} | {hours} | {cpus} |"
+        )
+    return lines + METHODS_NOTES.splitlines() + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -240,20 +519,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=str(ROOT / "benchmarks" / "quality_runs.json"))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--sync-logs",
+        action="store_true",
+        help="first copy each comparison run's live log over its committed copy if it extends it",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = json.loads(Path(args.runs).read_text())
+    manifest = json.loads(Path(args.runs).read_text())
+    if args.sync_logs:
+        for line in sync_logs(manifest["comparison"]):
+            print(line)
+    runs = manifest["runs"]
     by_name = {run["name"]: run for run in runs}
     rows = [summarize(run, run.get("knn_k", 20), by_name) for run in runs]
+    methods = method_rows(manifest["comparison"], by_name, {r["name"]: r for r in rows})
     if not args.no_plots:
         continued = {run.get("continues") for run in runs}
         for row in rows:
             if row["name"] not in continued:  # the last of its lineage: one plot per model
                 row["plot"] = str(plot(row, out).relative_to(out))
-    (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "quality.md").write_text(markdown(rows))
-    print(markdown(rows))
+        plot_methods(methods, out)
+    (out / "quality.json").write_text(
+        json.dumps({"methods": methods, "runs": rows}, indent=2) + "\n"
+    )
+    (out / "quality.md").write_text(markdown(rows, methods))
+    print(markdown(rows, methods))
     return 0
 
 
