@@ -44,7 +44,8 @@ def _add_engine_options(p: argparse.ArgumentParser, model_help: str) -> None:
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
-        help="where the encoder runs (default: auto, CUDA when it really starts)",
+        help="where the encoder runs (default: auto: CUDA where a GPU is present and CUDA really "
+        "starts, else the CPU, without trying CUDA where no GPU is present)",
     )
     p.add_argument(
         "--variant",

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -291,13 +293,49 @@ def check_session_io(session, card: dict[str, Any], where: str) -> None:
         raise PackageError(f"{where} does not match its card: " + "; ".join(problems))
 
 
+# Device nodes through which the CUDA driver reaches a GPU: /dev/nvidia0, 1, ... (Linux, and
+# in containers given a GPU), /dev/dxg (WSL 2), /dev/nvhost-ctrl-gpu (Jetson).
+_GPU_NODE = re.compile(r"nvidia\d+|dxg|nvhost-ctrl-gpu")
+
+
+def gpu_present(dev: str | os.PathLike = "/dev", environ: dict[str, str] | None = None) -> bool:
+    """Whether this process can see a GPU for CUDA, decided without loading CUDA (no library is
+    opened, nothing is printed): on Linux, a GPU device node in `dev` (the CUDA driver opens
+    /dev/nvidia<N>; without one, CUDA cannot start), and CUDA_VISIBLE_DEVICES not "" or -1
+    (which hide every GPU). Where there is no /dev (not Linux) it answers True: try CUDA."""
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and (not visible.strip() or visible.strip().startswith("-1")):
+        return False
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        names = os.listdir(dev)
+    except OSError:
+        return True  # no /dev to look at: let ONNX Runtime answer
+    return any(_GPU_NODE.fullmatch(name) for name in names)
+
+
+NO_GPU = (
+    "device 'cuda': no GPU is visible here (no /dev/nvidia<N> device node, or "
+    "CUDA_VISIBLE_DEVICES hides them all); use device auto or cpu to run on the CPU"
+)
+
+
+def auto_tries_cuda() -> bool:
+    """Whether device "auto" tries the CUDA execution provider: onnxruntime-gpu is installed
+    and a GPU is present (`gpu_present`). On a machine without a GPU it is never tried, so
+    ONNX Runtime's "Failed to create CUDAExecutionProvider" error is never printed there."""
+    return "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present()
+
+
 def cuda_session_starts(package: ModelPackage) -> bool:
     """Whether ONNX Runtime really runs a session of `package` on CUDA here.
 
     `get_available_providers()` lists CUDA wherever onnxruntime-gpu is installed, even without a
-    GPU or the CUDA libraries; only a session's `get_providers()` tells. Opens the smallest file.
+    GPU or the CUDA libraries; only a session's `get_providers()` tells. Opens the smallest file,
+    and only where a GPU is present (`gpu_present`): without one the answer is False at once.
     """
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if not auto_tries_cuda():
         return False
     smallest = min(package.variants, key=lambda v: package.file(v).stat().st_size)
     try:
@@ -313,7 +351,9 @@ def cuda_session_starts(package: ModelPackage) -> bool:
 class Encoder:
     """An ONNX Runtime session on one verified variant of a package.
 
-    `device`: "cpu", "cuda", or "auto" (CUDA when a CUDA session really starts, else the CPU).
+    `device`: "cpu", "cuda", or "auto" (CUDA when a GPU is present and a CUDA session really
+    starts, else the CPU, without trying CUDA where no GPU is present: see `auto_tries_cuda`).
+    "cuda" raises PackageError where no GPU is present or CUDA does not start.
     `variant`: "auto" (the package's choice for the device, see `ModelPackage.choose_variant`)
     or fp32 / fp16 / int8. `intra_op_threads`: ONNX Runtime sizes its pool to the host's cores,
     not to a container's limit, so a server sets it per worker.
@@ -336,9 +376,9 @@ class Encoder:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
-        want_cuda = device == "cuda" or (
-            device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers()
-        )
+        if device == "cuda" and not gpu_present():
+            raise PackageError(NO_GPU)
+        want_cuda = device == "cuda" or (device == "auto" and auto_tries_cuda())
         self.session = None
         if want_cuda:
             self.variant = package.choose_variant("cuda") if variant == "auto" else variant

@@ -4,6 +4,10 @@
     POST /search      multipart `images` + `k`           -> top-k neighbours from the FAISS index
     GET  /info        the model, the execution provider really in use, batching, limits, index
     POST /index/add   multipart `images` + `metadata`    -> ids of the images added to the index
+    POST /v1/embeddings  the OpenAI embeddings API (JSON, base64 images) -> one embedding each
+
+/embed, /search and /index/add also take a JSON body with the same fields and the images
+base64-encoded ({"images": ["data:image/jpeg;base64,..."], "k": 5}); URLs are never fetched.
 
 Reading endpoints are open unless EMBEDSERVE_API_KEY is set (then they need
 `Authorization: Bearer <key>`); /index/add always needs the key and is off without one.
@@ -27,7 +31,6 @@ from typing import Any
 
 import bentoml
 import numpy as np
-import onnxruntime as ort
 from fastapi import Request
 from starlette.responses import Response
 
@@ -39,14 +42,19 @@ from embedserve.http.auth import check_api_key
 from embedserve.http.decode import decode_images
 from embedserve.http.errors import ClientError
 from embedserve.http.forms import Upload, client_name, parse_k, parse_metadata, read_images
+from embedserve.http.jsonbody import embeddings_response, read_embeddings_request
+from embedserve.http.limits import body_hold
 from embedserve.http.schemas import (
     ADD_ERROR_RESPONSES,
+    EMBEDDINGS_ERROR_RESPONSES,
     ERROR_RESPONSES,
     K_FIELD,
     METADATA_FIELD,
     AddResponse,
+    EmbeddingsResponse,
     EmbedResponse,
     SearchResponse,
+    embeddings_body,
     json_response,
     multipart_body,
 )
@@ -55,7 +63,9 @@ from embedserve.package import (
     Encoder,
     ModelPackage,
     PackageError,
+    auto_tries_cuda,
     cuda_session_starts,
+    gpu_present,
     load_package,
 )
 from embedserve.preprocess import preprocess
@@ -81,7 +91,7 @@ def _variants_to_verify(package: ModelPackage, cfg: ServeConfig) -> set[str]:
     if cfg.variant != "auto":
         return {cfg.variant}
     chosen = set()
-    if cfg.device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+    if cfg.device == "cuda" or (cfg.device == "auto" and auto_tries_cuda()):
         chosen.add(package.choose_variant("cuda"))
     if cfg.device != "cuda":
         chosen.add(package.choose_variant("cpu"))
@@ -96,9 +106,9 @@ if CONFIG.device == "cuda" and not cuda_session_starts(_PACKAGE):
     # Checked here, in the `bentoml serve` process itself, so that the server exits with this
     # error instead of restarting a failing worker forever. No silent fallback to the CPU.
     raise PackageError(
-        "EMBEDSERVE_DEVICE=cuda, but the CUDA execution provider cannot start on this machine "
-        "(no GPU, or the CUDA 13 / cuDNN 9 libraries are missing); use EMBEDSERVE_DEVICE=auto "
-        "or cpu to run on the CPU"
+        "EMBEDSERVE_DEVICE=cuda, but the CUDA execution provider cannot start on this machine ("
+        + ("the CUDA 13 / cuDNN 9 libraries did not load" if gpu_present() else "no GPU is present")
+        + "); use EMBEDSERVE_DEVICE=auto or cpu to run on the CPU"
     )
 
 
@@ -229,9 +239,10 @@ class EmbedService:
         cfg = self.config
         return await read_images(request, fields, cfg.max_request_bytes, cfg.max_images_per_request)
 
-    async def _embed(self, images: list[Upload]) -> np.ndarray:
+    async def _embed(self, images: list[Upload], field: str = "images") -> np.ndarray:
         """Decode (per request), then embed, batched with other requests' images."""
-        return await self.batcher(await decode_images(images, self._load_one, self._decode_pool))
+        pool = self._decode_pool
+        return await self.batcher(await decode_images(images, self._load_one, pool, field))
 
     # -- endpoints ----------------------------------------------------------------------------
 
@@ -258,6 +269,40 @@ class EmbedService:
         return json_response(
             {"model": self.package.name, "dim": int(emb.shape[1]), "embeddings": emb}
         )
+
+    @app.post(
+        "/v1/embeddings",
+        summary="Embed images (OpenAI embeddings API)",
+        response_model=EmbeddingsResponse,
+        responses=EMBEDDINGS_ERROR_RESPONSES,
+        openapi_extra=embeddings_body(
+            CONFIG.max_images_per_request, _PACKAGE.name, _PACKAGE.embedding_dim
+        ),
+        tags=["Service APIs"],
+    )
+    async def embeddings(self, request: Request) -> Response:
+        """The OpenAI embeddings API, for its clients (`OpenAI(base_url=".../v1")`): `input` is
+        one image or a list, each base64-encoded (bare or a data:image/...;base64, URI; URLs
+        are never fetched), `model` the served model's name (or absent), `encoding_format`
+        float or base64 (little-endian float32). The embeddings equal /embed's. `usage` counts
+        0 tokens: images are not tokens.
+
+        Example: `curl localhost:3000/v1/embeddings -H 'Content-Type: application/json'
+        -d '{"input": ["'$(base64 -w0 cat.jpg)'"]}'`
+
+        Errors are /embed's, naming each bad input (`input[2]`), and 404 for another model."""
+        check_api_key(request, self.config.api_key)
+        cfg, name = self.config, self.package.name
+        images, encoding = await read_embeddings_request(
+            request,
+            name,
+            self.package.embedding_dim,
+            cfg.max_request_bytes,
+            cfg.max_images_per_request,
+            body_hold(request),
+        )
+        emb = await self._embed(images, field="input")
+        return json_response(embeddings_response(emb, name, encoding))
 
     @app.post(
         "/search",

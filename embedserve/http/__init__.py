@@ -2,8 +2,10 @@
 
     errors   ClientError and the one exception handler that answers it (4xx/503 JSON)
     auth     the API key check (Authorization: Bearer <key>, compared in constant time)
-    limits   requests at once and the worker's budget of request-body bytes (ASGI middleware)
-    forms    reading a multipart request: images, text fields, metadata, k
+    limits   requests at once, the worker's budget of request-body bytes (ASGI middleware),
+             reading a body within max_request_bytes, max_images_per_request
+    forms    reading a multipart request (or, through jsonbody, a JSON one): images, metadata, k
+    jsonbody JSON bodies: base64 images (never URLs), the OpenAI /v1/embeddings request/answer
     decode   decoding the uploaded images in a thread pool, naming each bad file
     schemas  the response models, the OpenAPI request bodies and error table, JSON encoding
     app      create_app(config): the FastAPI app that embedserve.service mounts

@@ -24,12 +24,16 @@ def status_for(error: ImageDecodeError) -> int:
 
 
 async def decode_images(
-    images: list[Upload], load: Callable[[bytes], np.ndarray], executor: Executor
+    images: list[Upload],
+    load: Callable[[bytes], np.ndarray],
+    executor: Executor,
+    field: str = "images",
 ) -> np.ndarray:
     """`load` (bytes -> preprocessed array) on every file in parallel on `executor`, stacked.
 
-    Every file that raises ImageDecodeError is named in one ClientError, whose status is the
-    most specific of theirs (415 > 413 > 400); any other exception is raised as it is."""
+    Every file that raises ImageDecodeError is named in one ClientError (by its position in
+    `field` and its file name: `images[1] (scan.pdf)`), whose status is the most specific of
+    theirs (415 > 413 > 400); any other exception is raised as it is."""
     loop = asyncio.get_running_loop()
     results = await asyncio.gather(
         *(loop.run_in_executor(executor, load, data) for _, data in images),
@@ -38,7 +42,7 @@ async def decode_images(
     problems = []
     for position, ((filename, _), result) in enumerate(zip(images, results, strict=True)):
         if isinstance(result, ImageDecodeError):
-            name = client_name(position, filename)
+            name = client_name(position, filename, field)
             problems.append((status_for(result), name, str(result)))
         elif isinstance(result, BaseException):
             raise result

@@ -3,6 +3,9 @@
 Endpoints raise; the handler installed by `install_error_handler` turns the error into
 `{"error": "..."}` (plus `"files": [...]` when it names bad files) with its status and headers.
 The batcher's Overloaded (its queue is past the latency budget) is answered 503 the same way.
+Under /v1/ (the OpenAI-compatible API) the same message comes in the OpenAI error shape, which
+its clients read: `{"error": {"message": "...", "type": ..., "param": null, "code": null}}`
+(plus `"files"` inside it).
 """
 
 from __future__ import annotations
@@ -29,25 +32,39 @@ class ClientError(Exception):
         super().__init__(error)
         self.status, self.error, self.files, self.headers = status, error, files, headers
 
-    def response(self) -> JSONResponse:
+    def response(self, openai: bool = False) -> JSONResponse:
+        """The JSON answer; with `openai`, in the OpenAI API's error shape."""
         body: dict[str, Any] = {"error": self.error}
         if self.files:
             body["files"] = self.files
+        if openai:
+            kind = "invalid_request_error" if self.status < 500 else "server_error"
+            body = {"error": {"message": self.error, "type": kind, "param": None, "code": None}}
+            if self.files:
+                body["error"]["files"] = self.files
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """The answer to an error an endpoint raised (ClientError or Overloaded)."""
-    if isinstance(exc, ClientError):
-        return exc.response()
+OPENAI_PREFIX = "/v1/"  # the paths of the OpenAI-compatible API
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIX)
+
+
+def error_response(exc: Exception, openai: bool = False) -> JSONResponse:
+    """The answer to an error an endpoint raised (ClientError or Overloaded); with `openai`, in
+    the OpenAI API's error shape."""
     if isinstance(exc, Overloaded):
-        return JSONResponse({"error": f"{exc}; retry later"}, status_code=503)
+        exc = ClientError(503, f"{exc}; retry later")
+    if isinstance(exc, ClientError):
+        return exc.response(openai)
     raise TypeError(f"no JSON answer for {type(exc).__name__}") from exc
 
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     """The exception handler (Starlette's signature) for the classes of HANDLED."""
-    return error_response(exc)
+    return error_response(exc, is_openai_path(request.url.path))
 
 
 HANDLED: tuple[type[Exception], ...] = (ClientError, Overloaded)

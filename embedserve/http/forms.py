@@ -1,7 +1,9 @@
-"""Reading a multipart request: its images, its text fields (`k`, `metadata`), all bounded.
+"""Reading a request's images and fields (`k`, `metadata`), all bounded: a multipart form, or a
+JSON body (embedserve.http.jsonbody) with the same fields and the images base64-encoded.
 
 Every problem is a ClientError that says what to send instead: 413 for a body or an image
-count over its limit, 415 for a body that is not multipart/form-data, 400 for the rest.
+count over its limit, 415 for a body that is neither multipart/form-data nor JSON, 400 for the
+rest.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from embedserve.http.errors import ClientError
-from embedserve.http.limits import BodyHold, body_hold
+from embedserve.http.jsonbody import is_json, read_json_form
+from embedserve.http.limits import BodyHold, body_hold, check_count, check_length, read_body
 
 # An uploaded image as read: (its file name, if the client gave one; its bytes).
 Upload = tuple[str | None, bytes]
@@ -25,9 +28,10 @@ MAX_PATH_CHARS = 1024
 MAX_LABEL_CHARS = 256
 
 
-def client_name(position: int, filename: str | None) -> str:
-    """How an error names a file: `images[1] (scan.pdf)`."""
-    return f"images[{position}] ({filename})" if filename else f"images[{position}]"
+def client_name(position: int, filename: str | None, field: str = "images") -> str:
+    """How an error names a file: `images[1] (scan.pdf)`; `images[1]` (or `input[1]`, after
+    its field) when it has no name, as a JSON body's images."""
+    return f"{field}[{position}] ({filename})" if filename else f"{field}[{position}]"
 
 
 async def read_form(
@@ -48,36 +52,16 @@ async def read_form(
     With `hold`, the body's bytes are taken from the worker's body budget first (503 when they
     would pass it).
     """
-    too_large = f"request body over the limit of {max_bytes} bytes (max_request_bytes)"
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
-        raise (
-            ClientError(413, too_large)
-            if declared.isdigit()
-            else ClientError(400, f"bad Content-Length header {declared!r}")
-        )
+    check_length(request, max_bytes)  # a body over the limit is a 413 whatever its type
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "multipart/form-data":
         raise ClientError(
             415,
             f"Content-Type {media_type or 'missing'}: send multipart/form-data with the images "
-            "as files in the field 'images' (curl -F images=@photo.jpg)",
+            "as files in the field 'images' (curl -F images=@photo.jpg), or application/json "
+            'with them base64-encoded ({"images": ["data:image/jpeg;base64,..."]})',
         )
-    if hold is not None and declared is not None:
-        hold.take(int(declared))  # before a byte is read
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise ClientError(413, too_large)
-            if hold is not None and declared is None:
-                hold.take(len(chunk))
-            chunks.append(chunk)
-    except ClientDisconnect:  # nobody reads the answer; nothing to log as an error
-        raise ClientError(400, "the client disconnected before sending the whole body") from None
-    body = b"".join(chunks)
-    chunks.clear()  # the joined body is the one copy kept
+    body = await read_body(request, max_bytes, hold)
 
     async def stream():
         yield body
@@ -130,32 +114,29 @@ async def read_form(
         await form.close()
 
 
-def check_count(images: list, limit: int) -> None:
-    """A 413 when there are more than `limit` images (max_images_per_request)."""
-    if len(images) > limit:
-        raise ClientError(
-            413,
-            f"{len(images)} images in one request, over the limit of {limit} "
-            "(max_images_per_request)",
-        )
-
-
 async def read_images(
     request: Request, fields: tuple[str, ...], max_bytes: int, max_images: int
-) -> tuple[list[Upload], dict[str, str]]:
-    """`read_form` with the service's limits and the request's BodyHold (from RequestLimits),
-    then at most `max_images` images."""
+) -> tuple[list[Upload], dict[str, Any]]:
+    """`read_form`, or `read_json_form` for a JSON body, with the service's limits and the
+    request's BodyHold (from RequestLimits), then at most `max_images` images. A form's
+    values are strings; a JSON body's are as sent (`k` a number, `metadata` an array)."""
+    hold = body_hold(request)
+    if is_json(request):
+        return await read_json_form(request, fields, max_bytes, max_images, hold)
     # one file part over the limit is still counted exactly (a 413 that says how many)
     images, values = await read_form(
-        request, max_bytes, fields, max_files=max_images + 1, hold=body_hold(request)
+        request, max_bytes, fields, max_files=max_images + 1, hold=hold
     )
     check_count(images, max_images)
     return images, values
 
 
-def parse_k(raw: str, max_k: int) -> int:
-    """The `k` field of /search: an integer in 1..max_k (400 otherwise)."""
+def parse_k(raw: str | int, max_k: int) -> int:
+    """The `k` field of /search (a form's text, or a JSON number): an integer in 1..max_k (400
+    otherwise)."""
     try:
+        if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+            raise ValueError
         k = int(raw)
     except ValueError:
         raise ClientError(400, f"k must be an integer, not {raw!r}") from None
@@ -179,10 +160,11 @@ def clean_text(value: Any, what: str, limit: int) -> str | None:
 
 
 def parse_metadata(
-    raw: str | None, images: list[Upload]
+    raw: str | list | None, images: list[Upload]
 ) -> tuple[list[str | None], list[str | None]]:
     """Paths and labels of the images to add, from the `metadata` field (a JSON array with one
-    {"path", "label"} object per image) or, without it, the uploaded files' names."""
+    {"path", "label"} object per image: a form's text, or the array itself in a JSON body) or,
+    without it, the uploaded files' names (none for a JSON body's images)."""
     if raw is None:
         paths = [
             clean_text(name, f"images[{i}]'s file name", MAX_PATH_CHARS)
@@ -190,7 +172,7 @@ def parse_metadata(
         ]
         return paths, [None] * len(images)
     try:
-        items = json.loads(raw)
+        items = json.loads(raw) if isinstance(raw, str) else raw
     except ValueError as e:
         raise ClientError(400, f"metadata is not valid JSON: {e}") from None
     if not isinstance(items, list) or len(items) != len(images):

@@ -51,13 +51,39 @@ class AddResponse(BaseModel):
     index_size: int = Field(description="images in the index now")
 
 
+class EmbeddingItem(BaseModel):
+    object: str = Field(examples=["embedding"])
+    index: int = Field(description="the input's position in the request")
+    embedding: list[float] | str = Field(
+        description="the L2-normalized embedding: floats, or with encoding_format=base64 the "
+        "base64 of its little-endian float32 bytes"
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="always 0: images are not tokens")
+    total_tokens: int = Field(description="always 0")
+
+
+class EmbeddingsResponse(BaseModel):
+    """The answer of /v1/embeddings (the OpenAI embeddings API's shape)."""
+
+    object: str = Field(examples=["list"])
+    data: list[EmbeddingItem] = Field(description="one entry per input, in request order")
+    model: str
+    usage: Usage
+
+
 # The error answers of the endpoints, as documented in the OpenAPI page.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "a bad file or field; the body names each bad file and its problem"},
     401: {"description": "EMBEDSERVE_API_KEY is set and the request has no or a wrong key"},
     409: {"description": "no index configured (for /search)"},
     413: {"description": "too many images, too many pixels, or a body over the byte limit"},
-    415: {"description": "an image format that is not decoded, or a body that is not multipart"},
+    415: {
+        "description": "an image format that is not decoded, a data URI that is not an image, "
+        "or a body that is neither multipart nor JSON"
+    },
     503: {
         "description": "overloaded: the batch queue exceeds max_latency_ms, or "
         "max_concurrent_requests are running, or the request bodies held would pass "
@@ -71,6 +97,20 @@ ADD_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "no or a wrong API key (Authorization: Bearer <key>)"},
     403: {"description": "adding is off: no API key configured, no index, or workers > 1"},
     409: {"description": "no index configured"},
+}
+
+# The extra responses of POST /v1/embeddings.
+EMBEDDINGS_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    404: {"description": "`model` names a model this server does not serve"},
+}
+EMBEDDINGS_ERROR_RESPONSES.pop(409)
+
+# An image in a JSON body, as an OpenAPI schema.
+IMAGE_STRING = {
+    "type": "string",
+    "description": "an image, base64-encoded: bare, or as data:image/<type>;base64,<data>. "
+    "URLs are never fetched (400).",
 }
 
 # The text fields of the forms, as OpenAPI properties.
@@ -96,7 +136,12 @@ METADATA_FIELD = {
 
 def multipart_body(max_images: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The OpenAPI requestBody of an endpoint that takes 1..max_images `images` (+ `extra`
-    fields), for a route's `openapi_extra`."""
+    fields), for a route's `openapi_extra`: a multipart form, or a JSON object with the same
+    fields and the images base64-encoded."""
+    json_properties = {
+        "images": {"type": "array", "items": IMAGE_STRING, "minItems": 1, "maxItems": max_images},
+        **(extra or {}),
+    }
     properties = {
         "images": {
             "type": "array",
@@ -122,10 +167,37 @@ def multipart_body(max_images: int, extra: dict[str, Any] | None = None) -> dict
                             if spec.get("type") == "array"
                         },
                     },
-                }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["images"],
+                        "properties": json_properties,
+                        "additionalProperties": False,
+                    }
+                },
             },
         }
     }
+
+
+def embeddings_body(max_images: int, model: str, dim: int) -> dict[str, Any]:
+    """The OpenAPI requestBody of POST /v1/embeddings (the OpenAI embeddings API's fields)."""
+    properties = {
+        "model": {"type": ["string", "null"], "description": f"the served model, {model!r}"},
+        "input": {
+            "anyOf": [
+                IMAGE_STRING,
+                {"type": "array", "items": IMAGE_STRING, "minItems": 1, "maxItems": max_images},
+            ]
+        },
+        "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+        "dimensions": {"type": "integer", "enum": [dim], "description": "only the model's own"},
+        "user": {"type": "string", "description": "accepted and ignored"},
+    }
+    schema = {"type": "object", "required": ["input"], "properties": properties}
+    content = {"application/json": {"schema": {**schema, "additionalProperties": False}}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def json_response(body: dict[str, Any]) -> Response:

@@ -20,6 +20,7 @@ from embedserve.http.auth import check_api_key
 from embedserve.http.decode import decode_images
 from embedserve.http.errors import ClientError
 from embedserve.http.forms import parse_k, parse_metadata, read_images
+from embedserve.http.jsonbody import embeddings_response, read_embeddings_request
 from embedserve.http.limits import body_hold
 from embedserve.http.schemas import json_response
 from embedserve.preprocess import Preprocess, preprocess
@@ -27,6 +28,8 @@ from embedserve.preprocess import Preprocess, preprocess
 KEY = "unit-test-key-0123456789"
 PRE = Preprocess(resize=16, crop_height=16, crop_width=16)
 MAX_PIXELS = 10_000
+MODEL = "tiny-model"  # the model /v1/embeddings serves
+DIM = 6
 
 
 def png(size: int = 24, seed: int = 0) -> bytes:
@@ -44,6 +47,8 @@ def tiny_app(**settings) -> FastAPI:
     POST /search   read_images + parse_k
     POST /add      read_images + parse_metadata -> paths, labels
     POST /slow     read_images, then waits for app.state.release (an asyncio.Event)
+    POST /v1/embeddings  read_embeddings_request for MODEL + decode_images -> embeddings_response
+                   of fake_embeddings
     GET  /auth     check_api_key with KEY (open without one: /open; required: /required)
     GET  /raise    raises ClientError(status, ...) or Overloaded (?kind=overloaded)
     """
@@ -86,6 +91,20 @@ def tiny_app(**settings) -> FastAPI:
         paths, labels = parse_metadata(values.get("metadata"), images)
         return json_response({"paths": paths, "labels": labels})
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        images, encoding = await read_embeddings_request(
+            request,
+            MODEL,
+            DIM,
+            cfg.max_request_bytes,
+            cfg.max_images_per_request,
+            body_hold(request),
+        )
+        load = lambda data: preprocess(data, PRE, max_pixels=MAX_PIXELS)  # noqa: E731
+        x = await decode_images(images, load, pool, "input")
+        return json_response(embeddings_response(fake_embeddings(x), MODEL, encoding))
+
     app.state.release = None
 
     @app.post("/slow")
@@ -121,6 +140,12 @@ def tiny_app(**settings) -> FastAPI:
         raise ClientError(status, f"status {status}", named or None, headers)
 
     return app
+
+
+def fake_embeddings(x: np.ndarray) -> np.ndarray:
+    """DIM float32 numbers per decoded image (its first pixels, scaled), L2-normalized."""
+    v = x.reshape(len(x), -1)[:, :DIM].astype(np.float32) + 1
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def new_events(app: FastAPI) -> None:

@@ -166,7 +166,7 @@ def test_health_metrics_and_openapi_pages(server):
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
     spec = httpx.get(server.url + "/docs.json").json()
-    for route in ("/embed", "/search", "/info"):
+    for route in ("/embed", "/search", "/info", "/v1/embeddings"):
         assert route in spec["paths"], f"{route} missing from the OpenAPI page"
         text = json.dumps(spec["paths"][route])
         assert "curl" in text, f"{route} has no example in the OpenAPI page"
@@ -367,11 +367,13 @@ def test_a_url_sent_as_text_is_refused_not_fetched(server, photos):
 @pytest.mark.parametrize(
     ("content_type", "body", "status", "words"),
     [
-        ("application/json", b'{"images": ["a.jpg"]}', 415, "multipart/form-data"),
+        # JSON is read (tests/embedserve/test_service_json.py): a file name is not base64
+        ("application/json", b'{"images": ["a.jpg"]}', 400, "images[0]: not valid base64"),
+        ("text/plain", b"a.jpg", 415, "or application/json with them base64-encoded"),
         ("multipart/form-data; boundary=xyz", b"--abc\r\nnot a multipart body", 400, "multipart"),
         ("multipart/form-data", b"no boundary at all", 400, "malformed multipart"),
     ],
-    ids=["json", "wrong-boundary", "no-boundary"],
+    ids=["json-file-name", "text", "wrong-boundary", "no-boundary"],
 )
 def test_a_body_that_is_not_a_multipart_form_gets_a_4xx(
     server, photos, content_type, body, status, words
