@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
@@ -33,7 +34,9 @@ class AdaptiveBatcher:
     """`await batcher(x)`, x [n, ...] -> fn(concatenation of concurrent xs)[the rows of x].
 
     `fn` is blocking (an ONNX Runtime call) and runs on `executor`, one batch at a time; the
-    event loop stays free to parse and decode the next requests meanwhile.
+    event loop stays free to parse and decode the next requests meanwhile. `on_batch`, when
+    set, is told of every model call: (images, seconds of the call, seconds each image waited
+    in the queue before it); the service sets it to its metrics (embedserve.telemetry).
     """
 
     def __init__(
@@ -49,7 +52,7 @@ class AdaptiveBatcher:
         self.max_latency_ms = max_latency_ms
         self.max_wait_ms = max_wait_ms
         self._executor = executor
-        # A job is one image: (caller number, uint8 [1, ...]). The dispatcher decides whether to
+        # A job is one image: (caller number, when it was queued, uint8 [1, ...]). The dispatcher decides whether to
         # wait for more work by the number of jobs queued and compares it with max_batch_size,
         # which is in images: with one job per image both count images, so a queue that
         # already holds a full batch is released at once instead of being corked like a short
@@ -69,14 +72,22 @@ class AdaptiveBatcher:
         self.images = 0  # images embedded
         self.largest = 0  # most images in one model call
         self.most_requests = 0  # most callers whose images shared one model call
+        self.on_batch: Callable[[int, float, list[float]], None] | None = None
 
     @staticmethod
     def _overloaded() -> np.ndarray:
         raise Overloaded("the server is overloaded: the batch queue exceeds max_latency_ms")
 
-    async def _run(self, jobs: Sequence[tuple[int, np.ndarray]]) -> list[np.ndarray]:
-        batch = np.concatenate([row for _, row in jobs])
-        out = await asyncio.get_running_loop().run_in_executor(self._executor, self.fn, batch)
+    def _timed(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        return self.fn(batch), time.perf_counter() - start
+
+    async def _run(self, jobs: Sequence[tuple[int, float, np.ndarray]]) -> list[np.ndarray]:
+        batch = np.concatenate([row for _, _, row in jobs])
+        now = time.perf_counter()
+        waits = [now - queued for _, queued, _ in jobs]
+        loop = asyncio.get_running_loop()
+        out, call_s = await loop.run_in_executor(self._executor, self._timed, batch)
         # The dispatcher corks a lone request for about the mean wait of recent batches. That
         # mean also counts time spent queued behind a busy model, so after a burst a single
         # client would wait hundreds of milliseconds for company that never comes, for minutes
@@ -89,13 +100,17 @@ class AdaptiveBatcher:
             self.calls += 1
             self.images += len(batch)
             self.largest = max(self.largest, len(batch))
-            self.most_requests = max(self.most_requests, len({caller for caller, _ in jobs}))
+            self.most_requests = max(self.most_requests, len({caller for caller, _, _ in jobs}))
+        if self.on_batch is not None:
+            self.on_batch(len(batch), call_s, waits)
         return list(out[:, None])  # [1, D] per job
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
         """Rows of `fn` for the rows of `x` [n, ...], batched with whatever else is waiting."""
-        caller = next(self._callers)
-        rows = await asyncio.gather(*(self._call((caller, x[i : i + 1])) for i in range(len(x))))
+        caller, queued = next(self._callers), time.perf_counter()
+        rows = await asyncio.gather(
+            *(self._call((caller, queued, x[i : i + 1])) for i in range(len(x)))
+        )
         with self._lock:
             self.requests += 1
         return np.concatenate(rows)

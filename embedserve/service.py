@@ -34,7 +34,7 @@ import numpy as np
 from fastapi import Request
 from starlette.responses import Response
 
-from embedserve import __version__, bentoml_fixes
+from embedserve import __version__, bentoml_fixes, telemetry
 from embedserve.batching import AdaptiveBatcher
 from embedserve.config import ServeConfig, load_config, unknown_variables
 from embedserve.http.app import create_app
@@ -204,6 +204,10 @@ class EmbedService:
             self._model_pool,
             max_wait_ms=cfg.max_batch_wait_ms,
         )
+        # the operators' metrics on /metrics (made here, in the worker: see embedserve.telemetry)
+        self.telemetry = telemetry.install(self.package.name, cfg.max_batch_size)
+        if self.index is not None:
+            self.telemetry.index_size.set(len(self.index))
         # Warm-up before ready: the largest batch first (allocations), then single images.
         start = time.perf_counter()
         self.encoder.embed(np.zeros((cfg.max_batch_size, *self._input_shape), np.uint8))
@@ -219,6 +223,7 @@ class EmbedService:
         for _ in range(WARMUP_CALLS):
             await self.batcher(one)
         self.batcher.reset_stats()
+        self.batcher.on_batch = self.telemetry.batch  # the metrics count from here on
         self._warmup_s += time.perf_counter() - start
         self._ready = True
         logger.info("warm-up done in %.1f s; ready", self._warmup_s)
@@ -241,8 +246,10 @@ class EmbedService:
 
     async def _embed(self, images: list[Upload], field: str = "images") -> np.ndarray:
         """Decode (per request), then embed, batched with other requests' images."""
-        pool = self._decode_pool
-        return await self.batcher(await decode_images(images, self._load_one, pool, field))
+        start = time.perf_counter()
+        x = await decode_images(images, self._load_one, self._decode_pool, field)
+        self.telemetry.decode.observe(time.perf_counter() - start)
+        return await self.batcher(x)
 
     # -- endpoints ----------------------------------------------------------------------------
 
@@ -374,8 +381,11 @@ class EmbedService:
         except OSError as e:  # the log could not be written: nothing was acknowledged
             logger.error("index log write failed: %s", e)
             raise ClientError(
-                503, f"not added: the index could not be written ({e.strerror}); retry"
+                503,
+                f"not added: the index could not be written ({e.strerror}); retry",
+                reason="index_write_failed",
             ) from None
+        self.telemetry.index_size.set(len(self.index))
         return json_response(
             {"model": self.package.name, "ids": ids, "index_size": len(self.index)}
         )

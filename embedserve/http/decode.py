@@ -23,6 +23,10 @@ def status_for(error: ImageDecodeError) -> int:
     return 400
 
 
+# the reason label of a refused request (embedserve.telemetry), by the status of its files
+REASONS = {400: "bad_image", 413: "max_image_pixels", 415: "unsupported_image_format"}
+
+
 async def decode_images(
     images: list[Upload],
     load: Callable[[bytes], np.ndarray],
@@ -50,5 +54,5 @@ async def decode_images(
         status = max(s for s, _, _ in problems)  # 415 > 413 > 400: the most specific
         files = [{"file": name, "problem": why} for _, name, why in problems]
         summary = "; ".join(f"{f['file']}: {f['problem']}" for f in files)
-        raise ClientError(status, summary, files)
+        raise ClientError(status, summary, files, reason=REASONS[status])
     return np.stack(results)

@@ -1,8 +1,11 @@
 """Errors answered as JSON: ClientError (any 4xx, or a 503 of a limit) and one handler.
 
 Endpoints raise; the handler installed by `install_error_handler` turns the error into
-`{"error": "..."}` (plus `"files": [...]` when it names bad files) with its status and headers.
+`{"error": "..."}` (plus `"files": [...]` when it names bad files) with its status and headers,
+and counts it in embedserve_requests_refused_total (embedserve.telemetry) by status and reason.
 The batcher's Overloaded (its queue is past the latency budget) is answered 503 the same way.
+Every 503 carries `Retry-After` (RETRY_AFTER_S unless the error gives its own): all of them mean
+that nothing was done and the same request may be sent again.
 Under /v1/ (the OpenAI-compatible API) the same message comes in the OpenAI error shape, which
 its clients read: `{"error": {"message": "...", "type": ..., "param": null, "code": null}}`
 (plus `"files"` inside it).
@@ -16,11 +19,15 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from embedserve import telemetry
 from embedserve.batching import Overloaded
+
+RETRY_AFTER_S = 1  # the Retry-After of a 503 that does not give its own
 
 
 class ClientError(Exception):
-    """A client's fault: answered with `status` and a JSON body that names the problem."""
+    """A client's fault: answered with `status` and a JSON body that names the problem.
+    `reason` labels it in embedserve_requests_refused_total (default: by status)."""
 
     def __init__(
         self,
@@ -28,9 +35,11 @@ class ClientError(Exception):
         error: str,
         files: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ):
         super().__init__(error)
         self.status, self.error, self.files, self.headers = status, error, files, headers
+        self.reason = reason
 
     def response(self, openai: bool = False) -> JSONResponse:
         """The JSON answer; with `openai`, in the OpenAI API's error shape."""
@@ -42,7 +51,14 @@ class ClientError(Exception):
             body = {"error": {"message": self.error, "type": kind, "param": None, "code": None}}
             if self.files:
                 body["error"]["files"] = self.files
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        headers = self.headers
+        if self.status == 503 and "Retry-After" not in (headers or {}):
+            headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+    def count(self) -> None:
+        """Count this refusal in the process's metrics (when they are installed)."""
+        telemetry.refused(self.status, self.reason)
 
 
 OPENAI_PREFIX = "/v1/"  # the paths of the OpenAI-compatible API
@@ -56,8 +72,9 @@ def error_response(exc: Exception, openai: bool = False) -> JSONResponse:
     """The answer to an error an endpoint raised (ClientError or Overloaded); with `openai`, in
     the OpenAI API's error shape."""
     if isinstance(exc, Overloaded):
-        exc = ClientError(503, f"{exc}; retry later")
+        exc = ClientError(503, f"{exc}; retry later", reason="batch_queue_full")
     if isinstance(exc, ClientError):
+        exc.count()
         return exc.response(openai)
     raise TypeError(f"no JSON answer for {type(exc).__name__}") from exc
 

@@ -80,6 +80,7 @@ async def read_form(
                 413,
                 f"more than {max_files} files in one request, over the limit of "
                 f"{max_files - 1} images (max_images_per_request)",
+                reason="max_images_per_request",
             ) from None
         raise ClientError(400, f"malformed multipart body: {e}") from None
     try:

@@ -43,6 +43,7 @@ class BodyHold:
                 f"the server holds {budget.used} bytes of request bodies already, and {n} more "
                 f"would pass its budget of {budget.limit} (max_inflight_bytes); retry later",
                 headers={"Retry-After": "1"},
+                reason="max_inflight_bytes",
             )
         budget.used += n
         self.bytes += n
@@ -76,7 +77,9 @@ class RequestLimits:
                 f"the server is handling {self.limit} requests already "
                 "(max_concurrent_requests); retry later",
                 headers={"Retry-After": "1"},
+                reason="max_concurrent_requests",
             )
+            error.count()
             await error.response(is_openai_path(scope["path"]))(scope, receive, send)
             return
         self.active += 1  # one event loop per worker: no lock needed
@@ -97,7 +100,7 @@ def check_length(request: Request, max_bytes: int) -> int | None:
     if not declared.isdigit():
         raise ClientError(400, f"bad Content-Length header {declared!r}")
     if int(declared) > max_bytes:
-        raise ClientError(413, too_large(max_bytes))
+        raise ClientError(413, too_large(max_bytes), reason="max_request_bytes")
     return int(declared)
 
 
@@ -118,7 +121,7 @@ async def read_body(request: Request, max_bytes: int, hold: BodyHold | None = No
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
-                raise ClientError(413, too_large(max_bytes))
+                raise ClientError(413, too_large(max_bytes), reason="max_request_bytes")
             if hold is not None and declared is None:
                 hold.take(len(chunk))
             chunks.append(chunk)
@@ -136,4 +139,5 @@ def check_count(images: list, limit: int) -> None:
             413,
             f"{len(images)} images in one request, over the limit of {limit} "
             "(max_images_per_request)",
+            reason="max_images_per_request",
         )
