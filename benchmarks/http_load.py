@@ -61,6 +61,19 @@ def multipart_body(
     return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
+def embeddings_json_body(
+    files: Sequence[bytes], encoding: str = "float", model: str | None = None
+) -> bytes:
+    """A POST /v1/embeddings body (the OpenAI API): every file as a data:image/jpeg URI."""
+    import base64
+
+    uris = ["data:image/jpeg;base64," + base64.b64encode(f).decode("ascii") for f in files]
+    body: dict = {"input": uris, "encoding_format": encoding}
+    if model is not None:
+        body["model"] = model
+    return json.dumps(body).encode()
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's
     default method); nan for no values."""
@@ -114,10 +127,15 @@ class Point:
 
 
 def check_answer(payload: bytes, images: int) -> None:
-    """Raise LoadError unless an /embed answer holds `images` embeddings of its stated dim."""
+    """Raise LoadError unless an /embed answer holds `images` embeddings of its stated dim (or
+    a /v1/embeddings answer `images` embeddings of one size, floats or base64)."""
     try:
         answer = json.loads(payload)
-        rows, dim = answer["embeddings"], answer["dim"]
+        if "data" in answer:  # the OpenAI shape; base64 rows are compared by their length
+            rows = [d["embedding"] for d in answer["data"]]
+            dim = len(rows[0]) if rows else 0
+        else:
+            rows, dim = answer["embeddings"], answer["dim"]
     except (ValueError, KeyError, TypeError) as e:
         raise LoadError(f"/embed answer is not the expected JSON: {payload[:200]!r}") from e
     if len(rows) != images or any(len(r) != dim for r in rows):

@@ -19,6 +19,17 @@ and the naive server's OpenMP threads slow down several-fold when another proces
     python -m benchmarks.serve_load --quick    # smoke: 2 s points, concurrency 1 and 4 (to /tmp)
     python -m benchmarks.serve_load --env EMBEDSERVE_MAX_BATCH_SIZE=16 --skip-naive
     python -m benchmarks.serve_load --url http://127.0.0.1:3000   # a server already running
+
+Two speed checks run alone (interleaved points, medians of --repeats, concurrency 16 and 8
+images per request unless --concurrency / --images-per-request say otherwise):
+  --json-vs-multipart  POST /v1/embeddings (JSON, base64 photos; floats and base64 answers)
+                       against multipart POST /embed on one server, the same photos: target
+                       JSON / multipart >= 0.9 -> benchmarks/results/serve_load_json.json
+  --models-loaded N    the default model's /embed with one model loaded against N loaded (the
+                       others idle: renamed copies of it) -> benchmarks/results/serve_load_models.json
+
+    python -m benchmarks.serve_load --json-vs-multipart --duration 5 --repeats 3
+    python -m benchmarks.serve_load --models-loaded 3 --duration 5 --repeats 3
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from benchmarks.http_load import (
     LoadError,
     ServerProcess,
     content_type,
+    embeddings_json_body,
     free_port,
     http_get,
     multipart_body,
@@ -383,6 +395,197 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --- speed checks: JSON against multipart, idle models --------------------------------------
+
+JSON_TARGET = 0.9  # /v1/embeddings img/s over multipart /embed img/s, at concurrency 16, 8 img/req
+
+
+def _point(url: str, path: str, bodies: list[bytes], ctype: str, k: int, c: int, args) -> dict:
+    point = asyncio.run(
+        run_point(url + path, bodies, ctype, k, c, args.duration, args.warmup)
+    ).as_dict()
+    point["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return point
+
+
+def _interleaved(args, series: dict[str, tuple], k: int, c: int, label: str) -> dict:
+    """Every series' point once per repeat, in a rotating order; medians and per-run values."""
+    runs: dict[str, list[dict]] = {name: [] for name in series}
+    names = list(series)
+    for r in range(args.repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            url, path, bodies, ctype = series[name]
+            point = _point(url, path, bodies, ctype, k, c, args)
+            print(f"{label} run {r + 1} {name}: {json.dumps(point)}", flush=True)
+            runs[name].append(point)
+    return {name: _median_rows([[p] for p in points])[0] for name, points in runs.items()}
+
+
+def _ratio(rows: dict, num: str, den: str) -> dict:
+    per_run = [
+        round(a / b, 3)
+        for a, b in zip(rows[num]["img_s_runs"], rows[den]["img_s_runs"], strict=True)
+    ]
+    return {"median": round(statistics.median(per_run), 3), "runs": per_run}
+
+
+def json_vs_multipart(args, jpegs: list[bytes], env: dict[str, str], log_dir: Path) -> dict:
+    """(a) /v1/embeddings JSON (float and base64 answers) against multipart /embed."""
+    k, c = args.images_per_request[-1], args.concurrency[-1]
+    groups = [[jpegs[(i + j) % len(jpegs)] for j in range(k)] for i in range(0, len(jpegs), k)]
+    json_type = "application/json"
+    port = free_port()
+    with ServerProcess(
+        service_command(port),
+        port,
+        log_dir / "service.log",
+        env,
+        cwd=ROOT,
+        ready_timeout=args.ready_timeout,
+    ) as server:
+        info = get_info(server.url)
+        series = {
+            "multipart_embed": (
+                server.url,
+                "/embed",
+                [multipart_body(g) for g in groups],
+                content_type(BOUNDARY),
+            ),
+            "json_v1_embeddings": (
+                server.url,
+                "/v1/embeddings",
+                [embeddings_json_body(g) for g in groups],
+                json_type,
+            ),
+            "json_v1_embeddings_base64": (
+                server.url,
+                "/v1/embeddings",
+                [embeddings_json_body(g, "base64") for g in groups],
+                json_type,
+            ),
+        }
+        rows = _interleaved(args, series, k, c, "json-vs-multipart")
+    ratio = _ratio(rows, "json_v1_embeddings", "multipart_embed")
+    return {
+        "check": "json_vs_multipart",
+        "concurrency": c,
+        "images_per_request": k,
+        "service_info": {key: info.get(key) for key in ("model", "variant", "provider", "threads")},
+        "rows": rows,
+        "ratio_json_over_multipart": ratio,
+        "ratio_json_base64_over_multipart": _ratio(
+            rows, "json_v1_embeddings_base64", "multipart_embed"
+        ),
+        "target": JSON_TARGET,
+        "met": ratio["median"] >= JSON_TARGET,
+    }
+
+
+def idle_copies(package: ModelPackage, n: int, root: Path) -> list[Path]:
+    """`n` packages of `package`'s files (symlinked) under other card names."""
+    out = []
+    for i in range(n):
+        dst = root / f"idle-{i + 1}"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in package.path.iterdir():
+            if f.name != "card.json" and not (dst / f.name).exists():
+                (dst / f.name).symlink_to(f.resolve())
+        card = dict(package.card, name=f"{package.name}-idle-{i + 1}")
+        (dst / "card.json").write_text(json.dumps(card, indent=2))
+        out.append(dst)
+    return out
+
+
+def models_loaded(args, jpegs: list[bytes], env: dict[str, str], log_dir: Path) -> dict:
+    """(b) the default model's /embed on a server of one model against one of N (the others
+    idle); both servers run at once, their points interleaved (an idle server costs nothing)."""
+    k, c, n = args.images_per_request[-1], args.concurrency[-1], args.models_loaded
+    package = open_package(env.get("EMBEDSERVE_MODEL"))
+    copies = idle_copies(package, n - 1, log_dir / "packages")
+    one = {**env, "EMBEDSERVE_MODEL": str(package.path)}
+    many = {k_: v for k_, v in env.items() if k_ != "EMBEDSERVE_MODEL"}
+    many["EMBEDSERVE_MODELS"] = ",".join([str(package.path), *map(str, copies)])
+    bodies = [
+        multipart_body([jpegs[(i + j) % len(jpegs)] for j in range(k)])
+        for i in range(0, len(jpegs), k)
+    ]
+    ports = free_port(), free_port()
+    with (
+        ServerProcess(
+            service_command(ports[0]),
+            ports[0],
+            log_dir / "one.log",
+            one,
+            cwd=ROOT,
+            ready_timeout=args.ready_timeout,
+        ) as first,
+        ServerProcess(
+            service_command(ports[1]),
+            ports[1],
+            log_dir / "many.log",
+            many,
+            cwd=ROOT,
+            ready_timeout=args.ready_timeout,
+        ) as second,
+    ):
+        from benchmarks.soak import worker_rss_mb
+
+        served = list(get_info(second.url).get("models", {}))
+        # resident memory of each server's worker, idle after its warm-up (the `idle` term of
+        # the memory ceiling), and again after the measured points
+        rss = {"one_model_idle_mb": worker_rss_mb(first.proc.pid)}
+        rss[f"{n}_models_idle_mb"] = worker_rss_mb(second.proc.pid)
+        ctype = content_type(BOUNDARY)
+        series = {
+            "one_model": (first.url, "/embed", bodies, ctype),
+            f"{n}_models": (second.url, "/embed", bodies, ctype),
+        }
+        rows = _interleaved(args, series, k, c, "models-loaded")
+        after = get_info(second.url).get("models", {})
+        rss["one_model_after_mb"] = worker_rss_mb(first.proc.pid)
+        rss[f"{n}_models_after_mb"] = worker_rss_mb(second.proc.pid)
+    return {
+        "check": "models_loaded",
+        "models_loaded": n,
+        "served": served,
+        "worker_rss": rss,
+        "images_by_model_after": {m: v["batching"]["observed"]["images"] for m, v in after.items()},
+        "concurrency": c,
+        "images_per_request": k,
+        "rows": rows,
+        f"ratio_{n}_models_over_one": _ratio(rows, f"{n}_models", "one_model"),
+    }
+
+
+def speed_check(args, argv, env: dict[str, str], log_dir: Path) -> int:
+    """Run --json-vs-multipart or --models-loaded and write its JSON."""
+    jpegs, source = load_jpegs(args.images)
+    name = "serve_load_json" if args.json_vs_multipart else "serve_load_models"
+    result = {
+        "command": command("serve_load", sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "images": source,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "repeats": args.repeats,
+        "server_env": env,
+    }
+    try:
+        check = json_vs_multipart if args.json_vs_multipart else models_loaded
+        result.update(check(args, jpegs, env, log_dir))
+    except LoadError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    out = Path(f"{args.out or RESULTS / name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("ratio", "met"))}))
+    print(f"wrote {out}")
+    return 0
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -593,7 +796,32 @@ def main(argv: list[str] | None = None) -> int:
         "--out", help="output path without suffix (default: benchmarks/results/serve_load)"
     )
     p.add_argument("--log-dir", help="server logs (default: a new folder in /tmp)")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument(
+        "--json-vs-multipart",
+        action="store_true",
+        help="only /v1/embeddings JSON against multipart /embed (concurrency 16, 8 img/req)",
+    )
+    check.add_argument(
+        "--models-loaded",
+        type=int,
+        metavar="N",
+        help="only the default model with 1 model loaded against N loaded (N >= 2)",
+    )
     args = p.parse_args(argv)
+    if args.json_vs_multipart or args.models_loaded:
+        if args.models_loaded is not None and args.models_loaded < 2:
+            p.error("--models-loaded needs N >= 2")
+        if args.concurrency is None:
+            args.concurrency = [RATIO_CONCURRENCY]
+        if "--images-per-request" not in (argv if argv is not None else sys.argv):
+            args.images_per_request = [8]
+        args.duration = args.duration or 5.0
+        args.warmup = args.warmup or 1.0
+        args.images = args.images or 128
+        env = parse_env(args.env)
+        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="serve_load-"))
+        return speed_check(args, argv, env, log_dir)
     defaults = dict(duration=10.0, warmup=2.0, concurrency=[1, 4, 16, 64], images=256)
     defaults["pipeline_repeats"] = 5
     if args.quick:

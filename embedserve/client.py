@@ -16,6 +16,10 @@ The images go as a multipart form (one file part per image): their bytes travel 
 where JSON would need base64 (4/3 of the bytes, against the same max_request_bytes and
 max_inflight_bytes budgets), and errors name each bad file by its position and file name.
 
+A server of several models (EMBEDSERVE_MODELS) answers with the one a request names:
+`Client(url, model="name")` names it in every request, `client.embed(images, model="name")` in
+one; neither: the server's first model. `client.models()` lists the served ones.
+
 A 503 (the server is busy: every 503 means nothing was done) is retried after its Retry-After,
 at most `max_retries` times and `max_retry_wait` seconds of waiting in all; then, or for any
 other error status, `APIError` is raised with the status, the server's message and the bad
@@ -184,11 +188,13 @@ class _Base:
         timeout: float | httpx.Timeout = 60.0,
         max_retries: int = 3,
         max_retry_wait: float = 30.0,
+        model: str | None = None,
     ) -> None:
         if max_retries < 0 or max_retry_wait < 0:
             raise ValueError("max_retries and max_retry_wait must be >= 0")
         self.base_url = base_url.rstrip("/")
         self.max_retries, self.max_retry_wait = max_retries, max_retry_wait
+        self.model = model  # the model every request names; None: the server's default
         self._options: dict[str, Any] = {
             "base_url": self.base_url,
             "timeout": timeout,
@@ -210,15 +216,23 @@ class _Base:
             raise _error(response)
         return response.json()
 
-    @staticmethod
-    def _search_form(images: Images, k: int) -> dict[str, Any]:
-        return {"files": _files(images), "data": {"k": str(k)}}
+    def _model(self, model: str | None) -> dict[str, str]:
+        """The form field that names the model: this call's, else the client's, else none."""
+        model = model or self.model
+        return {"model": model} if model else {}
 
-    @staticmethod
+    def _embed_form(self, images: Images, model: str | None) -> dict[str, Any]:
+        return {"files": _files(images), "data": self._model(model)}
+
+    def _search_form(self, images: Images, k: int, model: str | None = None) -> dict[str, Any]:
+        return {"files": _files(images), "data": {"k": str(k), **self._model(model)}}
+
     def _add_form(
+        self,
         images: Images,
         paths: Sequence[str | None] | None,
         labels: Sequence[str | None] | None,
+        model: str | None = None,
     ) -> dict[str, Any]:
         items = [images] if _is_one(images) else list(images)
         if paths is None:  # a file's path as given; none for bytes, PIL images and arrays
@@ -227,7 +241,8 @@ class _Base:
         if len(paths) != len(items) or len(labels) != len(items):
             raise ValueError(f"give one path and one label per image ({len(items)})")
         metadata = [{"path": p, "label": lb} for p, lb in zip(paths, labels, strict=True)]
-        return {"files": _files(items), "data": {"metadata": json.dumps(metadata)}}
+        data = {"metadata": json.dumps(metadata), **self._model(model)}
+        return {"files": _files(items), "data": data}
 
     @staticmethod
     def _embeddings(body: dict[str, Any]) -> np.ndarray:
@@ -239,6 +254,10 @@ class _Base:
             [Neighbour(int(n["id"]), float(n["score"]), n.get("path"), n.get("label")) for n in r]
             for r in (result["neighbours"] for result in body["results"])
         ]
+
+    @staticmethod
+    def _model_ids(body: dict[str, Any]) -> list[str]:
+        return [m["id"] for m in body["data"]]
 
     @staticmethod
     def _added(body: dict[str, Any]) -> Added:
@@ -259,7 +278,9 @@ class Client(_Base):
 
     `api_key` is sent as `Authorization: Bearer <key>`; `timeout` (seconds, or an
     httpx.Timeout) bounds each attempt; a 503 is retried after its Retry-After at most
-    `max_retries` times and `max_retry_wait` seconds in all; `transport` is for tests."""
+    `max_retries` times and `max_retry_wait` seconds in all; `model` names the served model
+    of every request (a method's `model=` overrides it; neither: the server's first);
+    `transport` is for tests."""
 
     def __init__(
         self,
@@ -270,6 +291,7 @@ class Client(_Base):
         max_retries: int = 3,
         max_retry_wait: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        model: str | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -277,6 +299,7 @@ class Client(_Base):
             timeout=timeout,
             max_retries=max_retries,
             max_retry_wait=max_retry_wait,
+            model=model,
         )
         self._http = httpx.Client(transport=transport, **self._options)
         self._sleep = time.sleep
@@ -291,25 +314,29 @@ class Client(_Base):
             self._sleep(delay)
             retries, waited = retries + 1, waited + delay
 
-    def embed(self, images: Images) -> np.ndarray:
+    def embed(self, images: Images, model: str | None = None) -> np.ndarray:
         """L2-normalized float32 embeddings [N, D], one row per image in order (POST /embed).
 
         >>> client.embed("cat.jpg").shape  # doctest: +SKIP
         (1, 512)"""
-        return self._embeddings(self._request("POST", "/embed", files=_files(images)))
+        return self._embeddings(self._request("POST", "/embed", **self._embed_form(images, model)))
 
-    def search(self, images: Images, k: int = 10) -> list[list[Neighbour]]:
+    def search(
+        self, images: Images, k: int = 10, model: str | None = None
+    ) -> list[list[Neighbour]]:
         """The `k` most similar indexed images of each query image, best first (POST /search).
 
         >>> client.search(["cat.jpg"], k=1)[0][0]  # doctest: +SKIP
         Neighbour(id=12, score=0.93, path='cats/tabby.jpg', label='cats')"""
-        return self._neighbours(self._request("POST", "/search", **self._search_form(images, k)))
+        form = self._search_form(images, k, model)
+        return self._neighbours(self._request("POST", "/search", **form))
 
     def add(
         self,
         images: Images,
         paths: Sequence[str | None] | None = None,
         labels: Sequence[str | None] | None = None,
+        model: str | None = None,
     ) -> Added:
         """Add images to the served index (POST /index/add; needs the server's API key), with
         a path and a label each (default: a file's path as given, no label). They are
@@ -317,12 +344,16 @@ class Client(_Base):
 
         >>> client.add(["a.jpg", "b.jpg"], labels=["cat", "dog"]).ids  # doctest: +SKIP
         [24, 25]"""
-        form = self._add_form(images, paths, labels)
+        form = self._add_form(images, paths, labels, model)
         return self._added(self._request("POST", "/index/add", **form))
 
     def info(self) -> dict[str, Any]:
         """What the server serves (GET /info): model, provider, batching, limits, index."""
         return self._request("GET", "/info")
+
+    def models(self) -> list[str]:
+        """The names of the served models, the default first (GET /v1/models)."""
+        return self._model_ids(self._request("GET", "/v1/models"))
 
     def close(self) -> None:
         self._http.close()
@@ -353,6 +384,7 @@ class AsyncClient(_Base):
         max_retries: int = 3,
         max_retry_wait: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        model: str | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -360,6 +392,7 @@ class AsyncClient(_Base):
             timeout=timeout,
             max_retries=max_retries,
             max_retry_wait=max_retry_wait,
+            model=model,
         )
         self._http = httpx.AsyncClient(transport=transport, **self._options)
         self._sleep = asyncio.sleep
@@ -374,13 +407,16 @@ class AsyncClient(_Base):
             await self._sleep(delay)
             retries, waited = retries + 1, waited + delay
 
-    async def embed(self, images: Images) -> np.ndarray:
+    async def embed(self, images: Images, model: str | None = None) -> np.ndarray:
         """As `Client.embed`: float32 [N, D]."""
-        return self._embeddings(await self._request("POST", "/embed", files=_files(images)))
+        form = self._embed_form(images, model)
+        return self._embeddings(await self._request("POST", "/embed", **form))
 
-    async def search(self, images: Images, k: int = 10) -> list[list[Neighbour]]:
+    async def search(
+        self, images: Images, k: int = 10, model: str | None = None
+    ) -> list[list[Neighbour]]:
         """As `Client.search`: the neighbours of each query image, best first."""
-        form = self._search_form(images, k)
+        form = self._search_form(images, k, model)
         return self._neighbours(await self._request("POST", "/search", **form))
 
     async def add(
@@ -388,14 +424,19 @@ class AsyncClient(_Base):
         images: Images,
         paths: Sequence[str | None] | None = None,
         labels: Sequence[str | None] | None = None,
+        model: str | None = None,
     ) -> Added:
         """As `Client.add` (needs the server's API key)."""
-        form = self._add_form(images, paths, labels)
+        form = self._add_form(images, paths, labels, model)
         return self._added(await self._request("POST", "/index/add", **form))
 
     async def info(self) -> dict[str, Any]:
         """As `Client.info`."""
         return await self._request("GET", "/info")
+
+    async def models(self) -> list[str]:
+        """As `Client.models`."""
+        return self._model_ids(await self._request("GET", "/v1/models"))
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -7,7 +7,9 @@ by `EMBEDSERVE_CONFIG=path.toml`, holds the same names in lower case at the top 
     device = "cpu"
     max_batch_size = 32
 
-Environment variables win over the file, so one file can serve several deployments.
+Several models in one server: `models` (a list in the file; EMBEDSERVE_MODELS=a,b,c, comma-
+separated) instead of `model`; setting both is an error. Environment variables win over the
+file, so one file can serve several deployments.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ServeConfig:
 
     # A package name in models_dir or a path to a package folder; None: models/DEFAULT.
     model: str | None = None
+    # Several packages (names or paths) served at once, the first the default; None: `model`.
+    models: tuple[str, ...] | None = None
     models_dir: str | None = None  # None: the repository's models/
     # auto: CUDA when a CUDA session really starts, else the CPU; cuda: fail without a GPU.
     device: str = "auto"
@@ -87,6 +91,17 @@ class ServeConfig:
     access_log: bool = True
 
     def __post_init__(self) -> None:
+        if self.models is not None:
+            object.__setattr__(self, "models", tuple(self.models))  # a list given in code
+            if self.model is not None:
+                raise ConfigError(
+                    "set either model (EMBEDSERVE_MODEL, one model) or models (EMBEDSERVE_MODELS, "
+                    "several), not both"
+                )
+            if not self.models or any(not m for m in self.models):
+                raise ConfigError("models must list one or more package names or paths")
+            if len(set(self.models)) != len(self.models):
+                raise ConfigError(f"models lists a package twice: {', '.join(self.models)}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.variant not in VARIANTS:
@@ -124,6 +139,11 @@ class ServeConfig:
             raise ConfigError(f"api_key must be at least 16 characters, not {len(self.api_key)}")
 
     @property
+    def model_refs(self) -> list[str | None]:
+        """The packages to serve, the default first: `models`, or [`model`] (None: DEFAULT)."""
+        return list(self.models) if self.models is not None else [self.model]
+
+    @property
     def intra_op_threads(self) -> int:
         """ONNX Runtime threads per worker: set, or the cores shared among the workers."""
         return self.threads or max(1, cpu_count() // self.workers)
@@ -148,6 +168,14 @@ def _coerce(name: str, value: object, where: str) -> object:
     kind = _FIELDS[name].type
     if value is None:
         return None
+    if name == "models":  # a TOML list, or comma-separated text (the environment)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where}: models must be a list of package names or paths")
+        items = [i.strip() for i in items if i.strip()]
+        if not items:
+            raise ConfigError(f"{where}: models needs one or more package names or paths")
+        return tuple(items)
     if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
         if "None" in str(kind):
             return None

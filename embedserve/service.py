@@ -5,6 +5,10 @@
     GET  /info        the model, the execution provider really in use, batching, limits, index
     POST /index/add   multipart `images` + `metadata`    -> ids of the images added to the index
     POST /v1/embeddings  the OpenAI embeddings API (JSON, base64 images) -> one embedding each
+    GET  /v1/models   the served models (the OpenAI shape)
+
+One model (EMBEDSERVE_MODEL) or several (EMBEDSERVE_MODELS=a,b): a request names its model by
+its card's name (JSON `model`, or a multipart field `model`); without one, the first listed.
 
 /embed, /search and /index/add also take a JSON body with the same fields and the images
 base64-encoded ({"images": ["data:image/jpeg;base64,..."], "k": 5}); URLs are never fetched.
@@ -34,15 +38,13 @@ import numpy as np
 from fastapi import Request
 from starlette.responses import Response
 
-from embedserve import __version__, bentoml_fixes, telemetry
-from embedserve.batching import AdaptiveBatcher
+from embedserve import __version__, bentoml_fixes
 from embedserve.config import ServeConfig, load_config, unknown_variables
 from embedserve.http.app import create_app
 from embedserve.http.auth import check_api_key
-from embedserve.http.decode import decode_images
 from embedserve.http.errors import ClientError
 from embedserve.http.forms import Upload, client_name, parse_k, parse_metadata, read_images
-from embedserve.http.jsonbody import embeddings_response, read_embeddings_request
+from embedserve.http.jsonbody import embeddings_response, read_embeddings
 from embedserve.http.limits import body_hold
 from embedserve.http.schemas import (
     ADD_ERROR_RESPONSES,
@@ -50,6 +52,7 @@ from embedserve.http.schemas import (
     ERROR_RESPONSES,
     K_FIELD,
     METADATA_FIELD,
+    MODEL_FIELD,
     AddResponse,
     EmbeddingsResponse,
     EmbedResponse,
@@ -58,17 +61,13 @@ from embedserve.http.schemas import (
     json_response,
     multipart_body,
 )
-from embedserve.package import (
-    MODELS_DIR,
-    Encoder,
-    ModelPackage,
-    PackageError,
-    auto_tries_cuda,
-    cuda_session_starts,
-    gpu_present,
-    load_package,
+from embedserve.registry import (
+    ServedModel,
+    ServedModels,
+    check_packages,
+    load_packages,
+    variants_to_verify,  # noqa: F401 (imported from here before embedserve.registry held it)
 )
-from embedserve.preprocess import preprocess
 
 # a child of "bentoml", whose handlers BentoML configures in every worker
 logger = logging.getLogger("bentoml.embedserve")
@@ -78,38 +77,16 @@ bentoml_fixes.apply()  # BentoML's request timeout keeps a timer per request for
 # the environment (and the optional TOML file) is all that happens at import time.
 CONFIG: ServeConfig = load_config()
 # A missing model or a bad card stops `bentoml serve` here, at once (reading a card is cheap).
-_PACKAGE = load_package(CONFIG.model, CONFIG.models_dir or MODELS_DIR)
+_PACKAGES = load_packages(CONFIG)
+_PACKAGE = _PACKAGES[0]  # the default model
 if CONFIG.index and not Path(CONFIG.index).is_dir():
     raise FileNotFoundError(
         f"EMBEDSERVE_INDEX={CONFIG.index}: no such index directory (build one with "
         "`embedserve index build --images DIR --out INDEX_DIR`)"
     )
-
-
-def _variants_to_verify(package: ModelPackage, cfg: ServeConfig) -> set[str]:
-    """The variants a worker may open with these settings (as Encoder chooses them)."""
-    if cfg.variant != "auto":
-        return {cfg.variant}
-    chosen = set()
-    if cfg.device == "cuda" or (cfg.device == "auto" and auto_tries_cuda()):
-        chosen.add(package.choose_variant("cuda"))
-    if cfg.device != "cuda":
-        chosen.add(package.choose_variant("cpu"))
-    return chosen
-
-
-# A model file modified or truncated on disk stops the server here with the sha256 mismatch,
-# instead of each worker failing on it and being restarted forever (never ready).
-for _variant in sorted(_variants_to_verify(_PACKAGE, CONFIG)):
-    _PACKAGE.verify_file(_variant)
-if CONFIG.device == "cuda" and not cuda_session_starts(_PACKAGE):
-    # Checked here, in the `bentoml serve` process itself, so that the server exits with this
-    # error instead of restarting a failing worker forever. No silent fallback to the CPU.
-    raise PackageError(
-        "EMBEDSERVE_DEVICE=cuda, but the CUDA execution provider cannot start on this machine ("
-        + ("the CUDA 13 / cuDNN 9 libraries did not load" if gpu_present() else "no GPU is present")
-        + "); use EMBEDSERVE_DEVICE=auto or cpu to run on the CPU"
-    )
+# A model file modified or truncated on disk, or device=cuda without CUDA, stops the server
+# here with the reason, instead of each worker failing on it and being restarted forever.
+check_packages(_PACKAGES, CONFIG)
 
 
 def index_writes_off_reason(cfg: ServeConfig) -> str | None:
@@ -126,11 +103,6 @@ def index_writes_off_reason(cfg: ServeConfig) -> str | None:
         # invisible to the others
         return f"adding to the index needs EMBEDSERVE_WORKERS=1 (this server runs {cfg.workers})"
     return None
-
-
-# The images of a warm-up pass through the batcher: enough for BentoML's dispatcher to fit its
-# latency model (it forces batches of 1, 2 and 3 for its first ~22 calls) before /readyz is 200.
-WARMUP_CALLS = 24
 
 
 # The endpoints are routes of this app (embedserve.http.app), defined as methods of the service.
@@ -155,75 +127,63 @@ class EmbedService:
         for name in unknown_variables():
             logger.warning("ignoring %s: no such setting (see embedserve.config)", name)
         cfg = self.config = CONFIG
-        self.package = load_package(cfg.model, cfg.models_dir or MODELS_DIR)
-        # device=cuda fails here with a clear error when CUDA cannot start: no silent fallback
-        self.encoder = Encoder(
-            self.package,
-            variant=cfg.variant,
-            device=cfg.device,
-            intra_op_threads=cfg.intra_op_threads,
-        )
-        self.provider = self.encoder.providers[0]
-        logger.info(
-            "model %s (%s variant) on %s, device=%s, %d intra-op threads, %d decode threads",
-            self.package.name,
-            self.encoder.variant,
-            self.provider,
-            cfg.device,
-            cfg.intra_op_threads,
-            cfg.decoder_threads,
-        )
-        self.index = None
-        if cfg.index:
-            from embedserve.index import SearchIndex  # faiss is imported only when it is used
-
-            self.index = SearchIndex.load(cfg.index, self.package)  # refuses another model's
+        self.models = ServedModels(load_packages(cfg), cfg)
+        for m in self.models:
             logger.info(
-                "index %s: %d vectors (%d from its write-ahead log)",
-                cfg.index,
-                len(self.index),
-                self.index.replayed,
+                "model %s (%s variant) on %s, device=%s, %d intra-op threads, %d decode threads",
+                m.name,
+                m.encoder.variant,
+                m.provider,
+                cfg.device,
+                cfg.intra_op_threads,
+                cfg.decoder_threads,
             )
+        first = self.models.default  # /info's top level and the index's model when it has none
+        self.package, self.encoder, self.provider = first.package, first.encoder, first.provider
+        self.batcher, self.telemetry = first.batcher, first.telemetry
+        self.index, self.index_model = None, None
+        if cfg.index:
+            self._load_index(cfg.index)
         self.writes_off = index_writes_off_reason(cfg)
         if self.writes_off is None:
             self.index.open_log(cfg.index)  # this worker is the index's one writer
             logger.info("POST /index/add is on (API key required)")
         elif cfg.api_key and cfg.index:
             logger.warning("POST /index/add is off: %s", self.writes_off)
-        inp = self.package.card["input"]
-        self._input_shape = (inp["height"], inp["width"], inp["channels"])
         self._decode_pool = ThreadPoolExecutor(cfg.decoder_threads, thread_name_prefix="decode")
-        # One thread runs the model: ONNX Runtime parallelises inside a call with its own pool.
-        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
         # One thread writes the index: log appends (fsync) and saves, in request order.
         self._index_pool = ThreadPoolExecutor(1, thread_name_prefix="index-writer")
-        self.batcher = AdaptiveBatcher(
-            self.encoder.embed,
-            cfg.max_batch_size,
-            cfg.max_latency_ms,
-            self._model_pool,
-            max_wait_ms=cfg.max_batch_wait_ms,
-        )
-        # the operators' metrics on /metrics (made here, in the worker: see embedserve.telemetry)
-        self.telemetry = telemetry.install(self.package.name, cfg.max_batch_size)
-        if self.index is not None:
-            self.telemetry.index_size.set(len(self.index))
         # Warm-up before ready: the largest batch first (allocations), then single images.
         start = time.perf_counter()
-        self.encoder.embed(np.zeros((cfg.max_batch_size, *self._input_shape), np.uint8))
-        self.encoder.embed(np.zeros((1, *self._input_shape), np.uint8))
+        for m in self.models:
+            m.warm_up()
         self._ready = False
         self._warmup_s = time.perf_counter() - start
+
+    def _load_index(self, path: str) -> None:
+        """Load the index, bound to the served model it was built with (an error when none)."""
+        from embedserve.index import SearchIndex  # faiss is imported only when it is used
+
+        index = SearchIndex.load(path)
+        built_with = index.manifest["model"]["name"]
+        model = built_with if built_with in self.models.names else self.models.names[0]
+        index.check_model(self.models.get(model).package, where=str(path))  # refuses a stranger
+        self.index, self.index_model = index, model
+        self.models.get(model).telemetry.index_size.set(len(index))
+        logger.info(
+            "index %s of model %s: %d vectors (%d from its write-ahead log)",
+            path,
+            model,
+            len(index),
+            index.replayed,
+        )
 
     @bentoml.on_startup
     async def _train_batcher(self) -> None:
         """Fit the dispatcher's latency model with real model calls, then declare readiness."""
-        one = np.zeros((1, *self._input_shape), np.uint8)
         start = time.perf_counter()
-        for _ in range(WARMUP_CALLS):
-            await self.batcher(one)
-        self.batcher.reset_stats()
-        self.batcher.on_batch = self.telemetry.batch  # the metrics count from here on
+        for m in self.models:
+            await m.train_batcher()
         self._warmup_s += time.perf_counter() - start
         self._ready = True
         logger.info("warm-up done in %.1f s; ready", self._warmup_s)
@@ -235,21 +195,26 @@ class EmbedService:
     # Errors are raised (ClientError, Overloaded) and answered by the app's error handler
     # (embedserve.http.errors): a 4xx, or a 503, with a JSON body that names the problem.
 
-    def _load_one(self, data: bytes) -> np.ndarray:
-        return preprocess(data, self.package.preprocess, max_pixels=self.config.max_image_pixels)
-
     async def _read(
         self, request: Request, fields: tuple[str, ...]
-    ) -> tuple[list[Upload], dict[str, str]]:
+    ) -> tuple[list[Upload], dict[str, Any], ServedModel]:
+        """The images and fields of a form or JSON body, and the model it names (`model`)."""
         cfg = self.config
-        return await read_images(request, fields, cfg.max_request_bytes, cfg.max_images_per_request)
+        images, values = await read_images(
+            request, (*fields, "model"), cfg.max_request_bytes, cfg.max_images_per_request
+        )
+        return images, values, self.models.get(values.get("model"))
 
-    async def _embed(self, images: list[Upload], field: str = "images") -> np.ndarray:
-        """Decode (per request), then embed, batched with other requests' images."""
-        start = time.perf_counter()
-        x = await decode_images(images, self._load_one, self._decode_pool, field)
-        self.telemetry.decode.observe(time.perf_counter() - start)
-        return await self.batcher(x)
+    def _indexed_model(self, model: ServedModel) -> None:
+        """409 unless `model` is the index's: its vectors are comparable with no other's."""
+        if model.name != self.index_model:
+            raise ClientError(
+                409,
+                f"the index holds embeddings of model {self.index_model!r}, not comparable with "
+                f"{model.name!r}'s: send model={self.index_model!r} (or serve an index built "
+                f"with {model.name!r})",
+                reason="index_model",
+            )
 
     # -- endpoints ----------------------------------------------------------------------------
 
@@ -258,7 +223,7 @@ class EmbedService:
         summary="Embed images",
         response_model=EmbedResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra=multipart_body(CONFIG.max_images_per_request),
+        openapi_extra=multipart_body(CONFIG.max_images_per_request, MODEL_FIELD),
         tags=["Service APIs"],
     )
     async def embed(self, request: Request) -> Response:
@@ -271,11 +236,9 @@ class EmbedService:
         file; missing field), 413 (too many images, too many pixels, body too large), 415
         (unsupported image format), 503 (overloaded)."""
         check_api_key(request, self.config.api_key)
-        images, _ = await self._read(request, ("images",))
-        emb = await self._embed(images)
-        return json_response(
-            {"model": self.package.name, "dim": int(emb.shape[1]), "embeddings": emb}
-        )
+        images, _, model = await self._read(request, ("images",))
+        emb = await model.embed(images, self._decode_pool)
+        return json_response({"model": model.name, "dim": int(emb.shape[1]), "embeddings": emb})
 
     @app.post(
         "/v1/embeddings",
@@ -283,14 +246,16 @@ class EmbedService:
         response_model=EmbeddingsResponse,
         responses=EMBEDDINGS_ERROR_RESPONSES,
         openapi_extra=embeddings_body(
-            CONFIG.max_images_per_request, _PACKAGE.name, _PACKAGE.embedding_dim
+            CONFIG.max_images_per_request,
+            [p.name for p in _PACKAGES],
+            [p.embedding_dim for p in _PACKAGES],
         ),
         tags=["Service APIs"],
     )
     async def embeddings(self, request: Request) -> Response:
         """The OpenAI embeddings API, for its clients (`OpenAI(base_url=".../v1")`): `input` is
         one image or a list, each base64-encoded (bare or a data:image/...;base64, URI; URLs
-        are never fetched), `model` the served model's name (or absent), `encoding_format`
+        are never fetched), `model` a served model's name (or absent: the first), `encoding_format`
         float or base64 (little-endian float32). The embeddings equal /embed's. `usage` counts
         0 tokens: images are not tokens.
 
@@ -299,24 +264,37 @@ class EmbedService:
 
         Errors are /embed's, naming each bad input (`input[2]`), and 404 for another model."""
         check_api_key(request, self.config.api_key)
-        cfg, name = self.config, self.package.name
-        images, encoding = await read_embeddings_request(
+        cfg = self.config
+        images, encoding, name = await read_embeddings(
             request,
-            name,
-            self.package.embedding_dim,
+            self.models.dims,
             cfg.max_request_bytes,
             cfg.max_images_per_request,
             body_hold(request),
         )
-        emb = await self._embed(images, field="input")
+        emb = await self.models.get(name).embed(images, self._decode_pool, field="input")
         return json_response(embeddings_response(emb, name, encoding))
+
+    @app.get(
+        "/v1/models",
+        summary="The served models (OpenAI models API)",
+        responses={401: ERROR_RESPONSES[401]},
+        tags=["Service APIs"],
+    )
+    def list_models(self, request: Request) -> Response:
+        """The served models in the OpenAI shape, the default first: `{"object": "list",
+        "data": [{"id": name, "object": "model", "created": ..., "owned_by": "embedserve"}]}`.
+
+        Example: `curl localhost:3000/v1/models`"""
+        check_api_key(request, self.config.api_key)
+        return json_response(self.models.openai_list())
 
     @app.post(
         "/search",
         summary="Find similar images",
         response_model=SearchResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra=multipart_body(CONFIG.max_images_per_request, K_FIELD),
+        openapi_extra=multipart_body(CONFIG.max_images_per_request, K_FIELD | MODEL_FIELD),
         tags=["Service APIs"],
     )
     async def search(self, request: Request) -> Response:
@@ -335,9 +313,10 @@ class EmbedService:
                 "--images DIR --out INDEX_DIR` and start the server with "
                 "EMBEDSERVE_INDEX=INDEX_DIR",
             )
-        images, values = await self._read(request, ("images", "k"))
+        images, values, model = await self._read(request, ("images", "k"))
+        self._indexed_model(model)
         k = parse_k(values.get("k", "10"), self.config.max_k)
-        emb = await self._embed(images)
+        emb = await model.embed(images, self._decode_pool)
         hits = await asyncio.get_running_loop().run_in_executor(
             self._decode_pool, self.index.search, emb, k
         )
@@ -345,14 +324,14 @@ class EmbedService:
             {"file": client_name(i, filename), "neighbours": h}
             for i, ((filename, _), h) in enumerate(zip(images, hits, strict=True))
         ]
-        return json_response({"model": self.package.name, "k": k, "results": results})
+        return json_response({"model": model.name, "k": k, "results": results})
 
     @app.post(
         "/index/add",
         summary="Add images to the index (API key required)",
         response_model=AddResponse,
         responses=ADD_ERROR_RESPONSES,
-        openapi_extra=multipart_body(CONFIG.max_images_per_request, METADATA_FIELD),
+        openapi_extra=multipart_body(CONFIG.max_images_per_request, METADATA_FIELD | MODEL_FIELD),
         tags=["Service APIs"],
     )
     async def index_add(self, request: Request) -> Response:
@@ -372,9 +351,10 @@ class EmbedService:
         if self.writes_off is not None:
             raise ClientError(403, f"POST /index/add is off: {self.writes_off}")
         try:
-            images, values = await self._read(request, ("images", "metadata"))
+            images, values, model = await self._read(request, ("images", "metadata"))
+            self._indexed_model(model)
             paths, labels = parse_metadata(values.get("metadata"), images)
-            emb = await self._embed(images)
+            emb = await model.embed(images, self._decode_pool)
             ids = await asyncio.get_running_loop().run_in_executor(
                 self._index_pool, self._add_durably, emb, paths, labels
             )
@@ -385,10 +365,8 @@ class EmbedService:
                 f"not added: the index could not be written ({e.strerror}); retry",
                 reason="index_write_failed",
             ) from None
-        self.telemetry.index_size.set(len(self.index))
-        return json_response(
-            {"model": self.package.name, "ids": ids, "index_size": len(self.index)}
-        )
+        model.telemetry.index_size.set(len(self.index))
+        return json_response({"model": model.name, "ids": ids, "index_size": len(self.index)})
 
     def _add_durably(
         self, emb: np.ndarray, paths: list[str | None], labels: list[str | None]
@@ -422,33 +400,19 @@ class EmbedService:
         return json_response(self.describe())
 
     def describe(self) -> dict[str, Any]:
-        card = self.package.card
+        """/info: the first model's details at the top level, and every model's in `models`."""
         cfg = self.config
+        first = self.models.default.describe()
         return {
             "version": __version__,
-            "model": {
-                "name": self.package.name,
-                "path": str(self.package.path),
-                "method": card["method"],
-                "backbone": card["backbone"],
-                "dataset": card["dataset"]["name"],
-                "embedding_dim": card["embedding_dim"],
-                "input": card["input"],
-                "preprocess": card["preprocess"],
-                "sha256": card["sha256"],
-                "knn": card["metrics"]["knn"],
-            },
-            "variant": self.encoder.variant,
-            # what the session really runs on, not what get_available_providers() lists
-            "provider": self.provider,
-            "providers": self.encoder.providers,
+            "model": first["model"],
+            "variant": first["variant"],
+            "provider": first["provider"],
+            "providers": first["providers"],
             "device": cfg.device,
-            "batching": {
-                "max_batch_size": cfg.max_batch_size,
-                "max_latency_ms": cfg.max_latency_ms,
-                "max_batch_wait_ms": cfg.max_batch_wait_ms,
-                "observed": self.batcher.stats(),
-            },
+            "batching": first["batching"],
+            "models": {m.name: m.describe() for m in self.models},
+            "default_model": self.models.names[0],
             "threads": {"intra_op": cfg.intra_op_threads, "decode": cfg.decoder_threads},
             "workers": cfg.workers,
             "limits": {
@@ -470,6 +434,7 @@ class EmbedService:
                 "path": str(cfg.index),
                 "size": len(self.index),
                 "model": self.index.manifest.get("model"),
+                "served_model": self.index_model,
                 "factory": self.index.manifest.get("factory"),
                 "writes": "on (api key required)" if self.writes_off is None else "off",
                 "log_bytes": self.index.log_size,

@@ -50,52 +50,77 @@ def batch_buckets(max_batch_size: int) -> list[float]:
     return [*buckets, float(max_batch_size)]
 
 
-class Telemetry:
-    """The metrics of one model in this process. Create it in the worker (`install`), or with
-    a `registry` of its own (tests)."""
+def _families(max_batch_size: int, registry: Any = None) -> dict[str, Any]:
+    """The metric families (every model's, told apart by the `model` label) in `registry`."""
+    # deferred: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported
+    import prometheus_client as pc
 
-    def __init__(self, model: str, max_batch_size: int, registry: Any = None) -> None:
-        # deferred: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported
-        import prometheus_client as pc
+    reg = pc.REGISTRY if registry is None else registry
+    by_model = ["model"]
 
-        reg = pc.REGISTRY if registry is None else registry
-        self.model = model
-        by_model = ["model"]
+    def histogram(name: str, doc: str, buckets: Sequence[float]) -> Any:
+        return pc.Histogram(name, doc, by_model, buckets=buckets, registry=reg)
 
-        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Any:
-            return pc.Histogram(name, doc, by_model, buckets=buckets, registry=reg).labels(model)
-
-        self.images = pc.Counter(
+    return {
+        "images": pc.Counter(
             "embedserve_images_embedded", "images embedded by the model", by_model, registry=reg
-        ).labels(model)
-        self.batch_size = histogram(
+        ),
+        "batch_size": histogram(
             "embedserve_batch_size", "images per model call", batch_buckets(max_batch_size)
-        )
-        self.queue_wait = histogram(
+        ),
+        "queue_wait": histogram(
             "embedserve_queue_wait_seconds",
             "per image, from entering the batcher to the start of its model call",
             SECONDS_BUCKETS,
-        )
-        self.decode = histogram(
+        ),
+        "decode": histogram(
             "embedserve_decode_seconds", "per request, decoding all its images", SECONDS_BUCKETS
-        )
-        self.model_call = histogram(
+        ),
+        "model_call": histogram(
             "embedserve_model_call_seconds", "per model call (ONNX Runtime)", SECONDS_BUCKETS
-        )
-        self._refused = pc.Counter(
+        ),
+        "refused": pc.Counter(
             "embedserve_requests_refused",
             "requests answered with an error (4xx, 503), by status and reason",
             ["model", "status", "reason"],
             registry=reg,
-        )
+        ),
         # every worker holds the same index (additions need one worker): the live maximum
-        self.index_size = pc.Gauge(
+        "index_size": pc.Gauge(
             "embedserve_index_size",
             "images in the served index",
             by_model,
             registry=reg,
             multiprocess_mode="livemax",
-        ).labels(model)
+        ),
+    }
+
+
+class Telemetry:
+    """The metrics of one model in this process. Create it in the worker (`install`), or with
+    a `registry` of its own (tests); `sibling` gives another model's, in the same families."""
+
+    def __init__(
+        self,
+        model: str,
+        max_batch_size: int,
+        registry: Any = None,
+        families: dict[str, Any] | None = None,
+    ) -> None:
+        self.families = families or _families(max_batch_size, registry)
+        self.model = model
+        f = self.families
+        self.images = f["images"].labels(model)
+        self.batch_size = f["batch_size"].labels(model)
+        self.queue_wait = f["queue_wait"].labels(model)
+        self.decode = f["decode"].labels(model)
+        self.model_call = f["model_call"].labels(model)
+        self._refused = f["refused"]
+        self.index_size = f["index_size"].labels(model)
+
+    def sibling(self, model: str) -> Telemetry:
+        """Another model's metrics in the same families (a metric is registered only once)."""
+        return Telemetry(model, 0, families=self.families)
 
     def batch(self, size: int, call_s: float, waits: Sequence[float]) -> None:
         """One model call of `size` images that took `call_s`, after its images had waited
@@ -111,16 +136,19 @@ class Telemetry:
         self._refused.labels(self.model, str(status), reason).inc()
 
 
-_active: Telemetry | None = None  # this process's, once `install` made it
+_active: Telemetry | None = None  # this process's first model's, once `install` made it
+_installed: dict[str, Telemetry] = {}
 
 
 def install(model: str, max_batch_size: int) -> Telemetry:
-    """This process's Telemetry (made once; prometheus_client refuses a metric registered
-    twice), which `refused` counts into."""
+    """This process's Telemetry of `model` (the families are made once: prometheus_client
+    refuses a metric registered twice); `refused` counts into the first model's."""
     global _active
     if _active is None:
         _active = Telemetry(model, max_batch_size)
-    return _active
+    if model not in _installed:
+        _installed[model] = _active if model == _active.model else _active.sibling(model)
+    return _installed[model]
 
 
 def refused(status: int, reason: str | None = None) -> None:

@@ -216,3 +216,36 @@ def test_ratios_fall_back_to_the_highest_concurrency_measured():
     r = _serve_load().ratios([_row(1, 1, 10.0), _row(4, 1, 20.0)], [], None, None)
     assert r["concurrency"] == 4
     assert r["by_images_per_request"]["1"] == {"http_img_s": 20.0}
+
+
+def test_the_json_body_of_v1_embeddings_holds_each_file_as_a_data_uri():
+    import base64
+
+    from benchmarks.http_load import embeddings_json_body
+
+    files = [_jpeg(1), _jpeg(2)]
+    body = json.loads(embeddings_json_body(files, "base64", model="m"))
+    assert body["encoding_format"] == "base64" and body["model"] == "m"
+    assert [base64.b64decode(u.split(",", 1)[1]) for u in body["input"]] == files
+    assert all(u.startswith("data:image/jpeg;base64,") for u in body["input"])
+    assert "model" not in json.loads(embeddings_json_body(files))
+
+
+def test_check_answer_reads_the_openai_shape_too():
+    rows = [{"object": "embedding", "index": i, "embedding": [0.0, 1.0]} for i in range(2)]
+    check_answer(json.dumps({"object": "list", "data": rows}).encode(), 2)
+    with pytest.raises(RuntimeError):  # LoadError
+        check_answer(json.dumps({"object": "list", "data": rows[:1]}).encode(), 2)
+
+
+def test_speed_check_ratios_are_taken_within_each_run(tmp_path):
+    from benchmarks.serve_load import _ratio, idle_copies
+    from embedserve.package import load_package
+
+    rows = {"a": {"img_s_runs": [90.0, 100.0, 50.0]}, "b": {"img_s_runs": [100.0, 100.0, 100.0]}}
+    assert _ratio(rows, "a", "b") == {"median": 0.9, "runs": [0.9, 1.0, 0.5]}
+    package = load_package()
+    copies = idle_copies(package, 2, tmp_path)
+    names = [json.loads((c / "card.json").read_text())["name"] for c in copies]
+    assert names == [f"{package.name}-idle-1", f"{package.name}-idle-2"]
+    assert (copies[0] / "model.onnx").resolve() == (package.path / "model.onnx").resolve()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,25 +191,36 @@ async def read_json_form(
     return decode_strings(items, "images"), values
 
 
-async def read_embeddings_request(
+def served_model(asked: Any, served: Sequence[str]) -> str:
+    """The served model a request names (`served[0]` when absent or null): 400 when the name
+    is not a string, 404 that lists the served models when none has it."""
+    if asked is None:
+        return served[0]
+    if not isinstance(asked, str):
+        raise ClientError(400, f"model must be a string, not {json_kind(asked)}")
+    if asked not in served:
+        raise ClientError(
+            404,
+            f"model {asked[:200]!r} is not served here; this server serves "
+            + ", ".join(map(repr, served)),
+        )
+    return asked
+
+
+async def read_embeddings(
     request: Request,
-    model: str,
-    dim: int,
+    served: Mapping[str, int],
     max_bytes: int,
     max_images: int,
     hold: BodyHold | None = None,
-) -> tuple[list[Upload], str]:
-    """The images and the encoding_format of an OpenAI embeddings request to a server of
-    `model`: 404 for another model (absent or null is the served one), 400 for a bad field."""
+) -> tuple[list[Upload], str, str]:
+    """The images, the encoding_format and the model of an OpenAI embeddings request to a
+    server of the models `served` (name -> embedding size; absent or null is the first): 404
+    for another model, 400 for a bad field."""
     example = '{"model": ..., "input": ["data:image/jpeg;base64,..."]}'
     body = check_fields(await read_json(request, max_bytes, hold), EMBEDDINGS_FIELDS, example)
-    asked = body.get("model")
-    if asked is not None and not isinstance(asked, str):
-        raise ClientError(400, f"model must be a string, not {json_kind(asked)}")
-    if asked is not None and asked != model:
-        raise ClientError(
-            404, f"model {asked[:200]!r} is not served here; this server serves {model!r}"
-        )
+    model = served_model(body.get("model"), list(served))
+    dim = served[model]
     encoding = "float" if body.get("encoding_format") is None else body["encoding_format"]
     if encoding not in ENCODINGS:
         raise ClientError(400, "encoding_format must be 'float' or 'base64'")
@@ -221,7 +233,20 @@ async def read_embeddings_request(
         raise ClientError(400, f"user must be a string, not {json_kind(body['user'])}")
     items = image_strings(body.get("input"), "input")
     check_count(items, max_images)
-    return decode_strings(items, "input"), encoding
+    return decode_strings(items, "input"), encoding, model
+
+
+async def read_embeddings_request(
+    request: Request,
+    model: str,
+    dim: int,
+    max_bytes: int,
+    max_images: int,
+    hold: BodyHold | None = None,
+) -> tuple[list[Upload], str]:
+    """`read_embeddings` for a server of one model: the images and the encoding_format."""
+    images, encoding, _ = await read_embeddings(request, {model: dim}, max_bytes, max_images, hold)
+    return images, encoding
 
 
 def embeddings_response(emb: np.ndarray, model: str, encoding: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -78,7 +79,11 @@ class EmbeddingsResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "a bad file or field; the body names each bad file and its problem"},
     401: {"description": "EMBEDSERVE_API_KEY is set and the request has no or a wrong key"},
-    409: {"description": "no index configured (for /search)"},
+    404: {"description": "`model` names a model this server does not serve"},
+    409: {
+        "description": "no index configured (for /search), or `model` is not the one the "
+        "index was built with"
+    },
     413: {"description": "too many images, too many pixels, or a body over the byte limit"},
     415: {
         "description": "an image format that is not decoded, a data URI that is not an image, "
@@ -96,14 +101,11 @@ ADD_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
     401: {"description": "no or a wrong API key (Authorization: Bearer <key>)"},
     403: {"description": "adding is off: no API key configured, no index, or workers > 1"},
-    409: {"description": "no index configured"},
+    409: {"description": "no index configured, or `model` is not the index's"},
 }
 
 # The extra responses of POST /v1/embeddings.
-EMBEDDINGS_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **ERROR_RESPONSES,
-    404: {"description": "`model` names a model this server does not serve"},
-}
+EMBEDDINGS_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {**ERROR_RESPONSES}
 EMBEDDINGS_ERROR_RESPONSES.pop(409)
 
 # An image in a JSON body, as an OpenAPI schema.
@@ -114,6 +116,12 @@ IMAGE_STRING = {
 }
 
 # The text fields of the forms, as OpenAPI properties.
+MODEL_FIELD = {
+    "model": {
+        "type": "string",
+        "description": "the served model to use, by name (GET /v1/models); absent: the first",
+    }
+}
 K_FIELD = {"k": {"type": "integer", "default": 10, "description": "neighbours per image"}}
 METADATA_FIELD = {
     "metadata": {
@@ -181,10 +189,19 @@ def multipart_body(max_images: int, extra: dict[str, Any] | None = None) -> dict
     }
 
 
-def embeddings_body(max_images: int, model: str, dim: int) -> dict[str, Any]:
-    """The OpenAPI requestBody of POST /v1/embeddings (the OpenAI embeddings API's fields)."""
+def embeddings_body(
+    max_images: int, model: str | Sequence[str], dim: int | Sequence[int]
+) -> dict[str, Any]:
+    """The OpenAPI requestBody of POST /v1/embeddings (the OpenAI embeddings API's fields) for
+    the served model(s) (the first is the default) and their embedding size(s)."""
+    models = [model] if isinstance(model, str) else list(model)
+    dims = sorted({dim} if isinstance(dim, int) else set(dim))
+    served = ", ".join(map(repr, models))
     properties = {
-        "model": {"type": ["string", "null"], "description": f"the served model, {model!r}"},
+        "model": {
+            "type": ["string", "null"],
+            "description": f"a served model, {served} (absent: {models[0]!r})",
+        },
         "input": {
             "anyOf": [
                 IMAGE_STRING,
@@ -192,7 +209,7 @@ def embeddings_body(max_images: int, model: str, dim: int) -> dict[str, Any]:
             ]
         },
         "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
-        "dimensions": {"type": "integer", "enum": [dim], "description": "only the model's own"},
+        "dimensions": {"type": "integer", "enum": dims, "description": "only the model's own"},
         "user": {"type": "string", "description": "accepted and ignored"},
     }
     schema = {"type": "object", "required": ["input"], "properties": properties}

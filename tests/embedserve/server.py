@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from embedserve.package import CARD_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 BENTOML = Path(sys.executable).with_name("bentoml")
@@ -88,6 +91,18 @@ def build_index(images: Path, out: Path) -> Path:
         cwd=REPO,
     )
     return out
+
+
+def renamed_copy(src: Path, dst: Path, name: str) -> Path:
+    """A package of `src`'s model files (symlinked: nothing is copied) with another card name."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != CARD_FILE:
+            (dst / f.name).symlink_to(f.resolve())
+    card = json.loads((src / CARD_FILE).read_text())
+    card["name"] = name
+    (dst / CARD_FILE).write_text(json.dumps(card, indent=2))
+    return dst
 
 
 @contextmanager
