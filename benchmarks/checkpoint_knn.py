@@ -1,6 +1,6 @@
 """kNN top-1 of checkpoints' encoders, on the training split alone and on the held-out split.
 
-    python benchmarks/checkpoint_knn.py runs/A/checkpoint.pt runs/B/enc.pt [...] \
+    python -m benchmarks.checkpoint_knn runs/A/checkpoint.pt runs/B/enc.pt [...] \
         --data ../shared/datasets/imagenette-160 [--image-size 128] [--precision fp32]
 
 For choosing between encoders (training checkpoints, encoder-only copies, `training.average`
@@ -28,16 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from embedserve.package import card_preprocess  # noqa: E402
-from embedserve.preprocess import Preprocess  # noqa: E402
-from training import checkpoint, warmstart  # noqa: E402
-from training.backbones import create_backbone  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import EvalDataset, Samples, load_splits  # noqa: E402
-from training.knn import knn_accuracy  # noqa: E402
-from training.trainer import Normalize  # noqa: E402
+from embedserve.package import card_preprocess
+from embedserve.preprocess import Preprocess
+from training import checkpoint, warmstart
+from training.backbones import create_backbone
+from training.config import TrainConfig
+from training.data import EvalDataset, Samples, load_splits
+from training.knn import knn_accuracy
+from training.models import Normalize
 
 
 @torch.no_grad()

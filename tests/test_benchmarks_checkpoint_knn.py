@@ -1,19 +1,15 @@
-"""benchmarks/checkpoint_knn.py: the leave-one-out kNN on the training split, and the script."""
+"""benchmarks.checkpoint_knn: the leave-one-out kNN on the training split, and the script."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import checkpoint_knn  # noqa: E402
+# after the skip: the script imports torch
+from benchmarks import checkpoint_knn  # noqa: E402
 
 
 def test_leave_one_out_excludes_the_query_itself():

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic import make_pattern
-from embedserve.package import Encoder, cpu_has_vnni, load_package
+from embedserve.package import (
+    Encoder,
+    cpu_has_vnni,
+    lineage_epochs,
+    load_package,
+    validate_card,
+)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -86,3 +92,21 @@ def test_embedserve_eval_reproduces_every_knn_figure_of_the_default_card(imagene
     measured = {(r["k"], r["temperature"]): r["top1"] for r in report["knn"]}
     for m in card_knn:
         assert abs(measured[m["k"], m["temperature"]] - m["top1"]) <= 0.005, (m, measured)
+
+
+@pytest.mark.parametrize(
+    "card_path", sorted(MODELS.glob("*/card.json")), ids=lambda p: p.parent.name
+)
+def test_a_shipped_card_validates_and_refers_to_its_lineage_under_8_kb(card_path):
+    """The lineage of warm starts is written as references (training/lineage.py), not nested
+    copies of every ancestor's record: the card stays small however long the chain."""
+    card = json.loads(card_path.read_text())
+    validate_card(card, str(card_path))
+    assert card_path.stat().st_size < 8 * 1024, f"{card_path}: {card_path.stat().st_size} bytes"
+    source = card["training"].get("init_from")
+    if source:
+        assert "total_epochs" in source
+        if source.get("kind") == "package":
+            assert "init_from" not in source  # its lineage is in its own card
+        total = card["training"]["epochs"] + lineage_epochs(source)
+        assert card["training"]["total_epochs"] == total

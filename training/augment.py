@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from training import methods
+
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -41,19 +43,13 @@ class ViewSpec:
 def view_specs(
     method: str, small_images: bool, crop_scale: tuple[float, float] | None = None
 ) -> tuple[ViewSpec, ViewSpec]:
-    """The two views of a method's paper.
+    """The two views of a method's paper (its registry entry's `views`).
 
     BYOL and Barlow Twins are asymmetric: blur p 1.0 / 0.1, solarize p 0.0 / 0.2. SimSiam:
     crop scale (0.2, 1), stronger saturation jitter, blur p 0.5 on both. On small (32x32)
     images blur is off, as in the CIFAR recipes. `crop_scale` replaces the crops' area range.
     """
-    if method in ("byol", "barlow_twins"):
-        v1 = ViewSpec(blur_p=1.0, solarize_p=0.0)
-        v2_ = ViewSpec(blur_p=0.1, solarize_p=0.2)
-    elif method == "simsiam":
-        v1 = v2_ = ViewSpec(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    v1, v2_ = (ViewSpec(**overrides) for overrides in methods.get(method).views)
     if small_images:
         v1 = dataclasses.replace(v1, blur_p=0.0)
         v2_ = dataclasses.replace(v2_, blur_p=0.0)

@@ -13,84 +13,215 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# Per-method head sizes: the CIFAR / small-budget configurations of the reference code.
-HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "barlow_twins": {"proj_dims": (2048, 2048, 2048)},
-    "byol": {"proj_hidden_dim": 4096, "proj_dim": 256, "pred_hidden_dim": 4096},
-    "simsiam": {"proj_dim": 2048, "pred_hidden_dim": 512},
-}
+from training import methods
+from training.methods import METHODS
+
+
+def opt(default: Any, help_text: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A TrainConfig field with its command-line help (and choices): written once, here.
+
+    `python -m training.train` builds its flags from these (training/train.py).
+    """
+    return field(default=default, metadata={"help": help_text, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    method: str = "simsiam"  # barlow_twins | byol | simsiam
-    data: str = ""  # class-per-folder DIR (with train/ and val/ or test/), or torchvision:cifar10
-    data_root: str = "data"  # where torchvision:cifar10 lives
-    download: bool = False  # let torchvision download CIFAR-10 (needs the internet)
-    in_memory: bool = False  # decode the dataset once into RAM (small datasets)
-    holdout_fraction: float = 0.1  # held out for monitoring when DIR has no val/ or test/
-    holdout_from_train: bool = False  # monitor on a holdout of train even when DIR has val/
-    backbone: str = "resnet18"
-    cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (32x32 images)
-    init_from: str | None = None  # start the encoder from a model package or a checkpoint
-    init_heads_from: str | None = None  # with init_from: the heads from a checkpoint, not fresh
-    zero_init_residual: bool = (
-        True  # residual blocks start as identity (official SimSiam/Barlow Twins code)
+    """Every option of a run; each field's help is its `--flag`'s (see `opt`). Head sizes,
+    warm-up and augmentations left at None follow the method (its registry entry)."""
+
+    method: str = opt("simsiam", "self-supervised method", choices=METHODS)
+    data: str = opt(
+        "",
+        "class-per-folder image directory (uses its train/ and val/ or test/ when present, "
+        "else holds out --holdout-fraction), or torchvision:cifar10",
     )
-    image_size: int = 128  # training crop size
-    eval_size: int | None = None  # evaluation (and exported) input size (default image_size)
-    eval_resize: int | None = (
-        None  # shorter side before the centre crop at evaluation (default eval_size)
+    data_root: str = opt(
+        "data",
+        "directory of torchvision's CIFAR-10 (with --data torchvision:cifar10)",
     )
-    crop_scale: tuple[float, float] | None = (
-        None  # RandomResizedCrop area range (default: the paper's)
+    download: bool = opt(
+        False,
+        "let torchvision download CIFAR-10 into --data-root (needs the internet)",
     )
-    device_augment: bool = False  # photometric augmentations on the batch, on the device
-    epochs: int = 100
-    batch_size: int = 128  # global, over all ranks
-    optimizer: str = "sgd"  # sgd | lars
-    lr: float | None = None  # default: 0.06 x batch_size / 128 (sgd), 0.2 x batch_size / 256 (lars)
-    momentum: float = 0.9
-    weight_decay: float | None = None  # default: 5e-4 (sgd), 1.5e-6 (lars)
-    warmup_epochs: float | None = None  # default: 0 for SimSiam, else min(10, 10% of epochs)
-    head_warmup_epochs: float = 0.0  # first epochs train the heads only, the encoder frozen
-    lambd: float = 0.0051  # Barlow Twins off-diagonal weight
-    tau_base: float = 0.99  # BYOL's initial EMA decay (0.996 for long runs)
-    proj_dims: tuple[int, ...] | None = None  # Barlow Twins projector layers
-    proj_hidden_dim: int | None = None  # BYOL projector hidden size
-    proj_dim: int | None = None  # BYOL/SimSiam projection size
-    pred_hidden_dim: int | None = None  # BYOL/SimSiam predictor hidden size
-    # auto: bf16 on CUDA where supported (else fp16) and on CPUs with AVX512-BF16 or AMX where a
-    # measured convolution step is >= 1.2x faster in bf16; fp32 on other CPUs | bf16 | fp16 | fp32
-    precision: str = "auto"
-    channels_last: bool = True
-    device: str = "auto"  # auto | cpu | cuda
-    cpu_allocator: str = "retain"  # retain | system (see training/allocator.py)
-    threads: int | None = None  # intra-op threads of the training process (default: all cores)
-    workers: int | None = None  # data-loading processes per rank (default: see default_workers)
-    eval_every: int = 1  # epochs between kNN evaluations (0: never)
-    eval_at_start: bool = False  # also evaluate the random initialisation
-    knn_ks: tuple[int, ...] = (20, 200)
-    knn_temperature: float = 0.07
-    out: str = "runs/run"
-    seed: int = 0
-    ckpt_every_steps: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    ckpt_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (and of the last)
-    stop_after_steps: int | None = None  # stop (with a checkpoint) after N steps, as if interrupted
-    log_every: int = 10  # steps between metric lines
-    collapse_threshold: float = 0.02  # stop when the embedding spread stays below this (0: off)
-    collapse_patience: int = 50  # ... for this many consecutive steps
-    progress: bool = True
+    in_memory: bool = opt(
+        False,
+        "decode every image once into memory (small datasets: ~0.7 GB for Imagenette-160)",
+    )
+    holdout_fraction: float = opt(
+        0.1,
+        "fraction of each class held out for monitoring when DIR has no val/ or test/",
+    )
+    holdout_from_train: bool = opt(
+        False,
+        "monitor on --holdout-fraction of train/ even when DIR has val/ or test/, which then "
+        "stays unseen: tune on this, report on val/test",
+    )
+    backbone: str = opt(
+        "resnet18",
+        "torchvision model name (resnet18, resnet50, ...), classifier removed",
+    )
+    cifar_stem: bool = opt(
+        False,
+        "ResNet stem for 32x32 images: 3x3 stride-1 first conv and no max-pool",
+    )
+    init_from: str | None = opt(
+        None,
+        "start the encoder from an exported model package (models/NAME) or a training "
+        "checkpoint: a new run (own schedule, fresh heads) from those weights, recorded in "
+        "the card; not --resume, which continues a run exactly",
+    )
+    init_heads_from: str | None = opt(
+        None,
+        "with --init-from: start the heads (projector, predictor) from this training "
+        "checkpoint of the same method and sizes instead of afresh, so that the encoder is "
+        "not trained through random heads at the start (a fresh projector costs a restart "
+        "0.3-2 kNN points); the encoder still comes from --init-from",
+    )
+    zero_init_residual: bool = opt(
+        True,
+        "start each ResNet residual branch's last BatchNorm at zero (blocks begin as the "
+        "identity), as the official SimSiam and Barlow Twins code do",
+    )
+    image_size: int = opt(
+        128,
+        "training crop size, in pixels (and the evaluation input size, unless --eval-size)",
+    )
+    eval_size: int | None = opt(
+        None,
+        "evaluation input size, in pixels, and so the exported model's (default: "
+        "--image-size); training below it (FixRes, Touvron et al. 2019) matches the apparent "
+        "object size of random-resized-crop training to whole images at evaluation",
+    )
+    eval_resize: int | None = opt(
+        None,
+        "shorter side before the centre crop at evaluation (default: --eval-size)",
+    )
+    crop_scale: tuple[float, float] | None = opt(
+        None,
+        "area range MIN MAX of the training crops (RandomResizedCrop; default: the method's "
+        "paper: 0.2 1 for simsiam, 0.08 1 for byol and barlow_twins)",
+    )
+    device_augment: bool = opt(
+        False,
+        "apply the photometric augmentations (colour jitter, grayscale, blur, solarize) to "
+        "whole batches on the training device, each sample with its own parameters; the data "
+        "workers only crop and flip. What keeps a GPU fed: per-image colour jitter on the CPU"
+        " is the bottleneck there (7 ms per image pair and core against under 1 ms for crop "
+        "and flip)",
+    )
+    epochs: int = opt(100, "number of epochs (the schedule spans all of them)")
+    batch_size: int = opt(128, "global batch size, split over the ranks")
+    optimizer: str = opt(
+        "sgd",
+        "sgd (short-budget default) or lars (the papers' large-batch optimizer)",
+        choices=("sgd", "lars"),
+    )
+    lr: float | None = opt(
+        None,
+        "peak learning rate (default: 0.06 x batch/128 for sgd, 0.2 x batch/256 for lars)",
+    )
+    momentum: float = opt(0.9, "SGD/LARS momentum")
+    weight_decay: float | None = opt(
+        None,
+        "weight decay, never on biases and norm parameters (default: 5e-4 sgd, 1.5e-6 lars)",
+    )
+    warmup_epochs: float | None = opt(
+        None,
+        "linear warm-up before the cosine decay (default: 0 for simsiam, else min(10, 10% of "
+        "epochs))",
+    )
+    head_warmup_epochs: float = opt(
+        0.0,
+        "train only the heads (projector, predictor) for the first E epochs, at the peak "
+        "learning rate, the encoder frozen (no gradient, its BatchNorm statistics still "
+        "updated); the encoder's warm-up and cosine then span the remaining epochs. For "
+        "--init-from, whose heads start random: fitted heads first keep their random "
+        "gradients out of the trained encoder (0: off)",
+    )
+    lambd: float = opt(0.0051, "Barlow Twins weight of the off-diagonal term")
+    tau_base: float = opt(0.99, "BYOL initial EMA decay, raised to 1 by a cosine schedule")
+    proj_dims: tuple[int, ...] | None = opt(
+        None,
+        "Barlow Twins projector layer sizes (default 2048 2048 2048)",
+    )
+    proj_hidden_dim: int | None = opt(None, "BYOL projector hidden size (default 4096)")
+    proj_dim: int | None = opt(None, "projection size (default: BYOL 256, SimSiam 2048)")
+    pred_hidden_dim: int | None = opt(
+        None,
+        "predictor hidden size (default: BYOL 4096, SimSiam 512)",
+    )
+    precision: str = opt(
+        "auto",
+        "autocast: auto (bf16 on CUDA, and on CPUs with AVX512-BF16 or AMX where a "
+        "convolution step measured at start-up runs >= 1.2x faster in bf16; fp16 on CUDA "
+        "without bf16; fp32 on other CPUs, which emulate bf16 slowly or gain nothing from "
+        "it), bf16, fp16 or fp32",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    channels_last: bool = opt(True, "NHWC memory format for the convolutions")
+    device: str = opt(
+        "auto",
+        "auto (CUDA when available), cpu or cuda",
+        choices=("auto", "cpu", "cuda"),
+    )
+    cpu_allocator: str = opt(
+        "retain",
+        "on the CPU, retain: glibc keeps freed memory for reuse instead of mapping and "
+        "page-faulting large activations anew every step (5-8% faster bf16 steps, 22-34% "
+        "faster fp32 steps here; the process keeps its peak memory); system: the C library's "
+        "defaults",
+        choices=("retain", "system"),
+    )
+    threads: int | None = opt(
+        None,
+        "intra-op threads of the training process (default on the CPU: cores minus workers)",
+    )
+    workers: int | None = opt(
+        None,
+        "data-loading worker processes per rank (0: augment in the training process; default:"
+        " 0 on a CPU with <= 5 cores, where workers slow the step down, else (cores-2)//4; "
+        "min(8, cores) on CUDA)",
+    )
+    eval_every: int = opt(1, "epochs between kNN evaluations on the held-out split (0: never)")
+    eval_at_start: bool = opt(False, "also evaluate the random initialisation before training")
+    knn_ks: tuple[int, ...] = opt((20, 200), "k values of the weighted kNN monitor")
+    knn_temperature: float = opt(0.07, "temperature T of the kNN votes exp(sim/T)")
+    out: str = opt("runs/run", "run directory: checkpoint.pt, metrics.jsonl, summary.json")
+    seed: int = opt(
+        0,
+        "seed of the initialisation, the split, the data order and the augmentations",
+    )
+    ckpt_every_steps: int = opt(
+        0,
+        "also write the checkpoint every N steps (0: at the end of each epoch only)",
+    )
+    ckpt_every_epochs: int = opt(
+        1,
+        "write the checkpoint at the end of every N-th epoch and of the last (1: every epoch;"
+        " raise it where epochs take seconds, as on a GPU)",
+    )
+    stop_after_steps: int | None = opt(
+        None,
+        "stop after N steps with a checkpoint, as if interrupted (resume with --resume); 0: "
+        "the checkpoint of the random initialisation, before any step",
+    )
+    log_every: int = opt(10, "steps between metric lines in metrics.jsonl")
+    collapse_threshold: float = opt(
+        0.02,
+        "stop when the embedding spread (per-dim std of normalized z x sqrt(D)) stays below "
+        "this; 0: off",
+    )
+    collapse_patience: int = opt(50, "consecutive steps below --collapse-threshold before stopping")
+    progress: bool = opt(True, "show the progress bar")
+    # not an option: the command and recipe of the run, recorded for the card
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
         """A copy with every `None` default filled in for this method and optimizer."""
         c = TrainConfig(**asdict(self))
-        if c.method not in HEAD_DEFAULTS:
-            raise ValueError(
-                f"unknown method {c.method!r}: choose one of {', '.join(HEAD_DEFAULTS)}"
-            )
-        for k, v in HEAD_DEFAULTS[c.method].items():
+        method = methods.get(c.method)  # ValueError for an unknown one
+        for k, v in method.head_defaults.items():
             if getattr(c, k) is None:
                 setattr(c, k, v)
         if c.lr is None:
@@ -98,7 +229,7 @@ class TrainConfig:
         if c.weight_decay is None:
             c.weight_decay = 5e-4 if c.optimizer == "sgd" else 1.5e-6
         if c.warmup_epochs is None:
-            c.warmup_epochs = 0.0 if c.method == "simsiam" else min(10.0, 0.1 * c.epochs)
+            c.warmup_epochs = method.warmup_epochs(c.epochs)
         if c.eval_size is None:
             c.eval_size = c.image_size
         if c.eval_resize is None:

@@ -29,9 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from embedserve.package import sha256_file
+from embedserve.package import card_preprocess, lineage_epochs, sha256_file
 from training import checkpoint
+from training.config import TrainConfig
+from training.data import EvalDataset, Samples, TwoViewDataset
+from training.lineage import reference
+from training.methods import MethodModel
+from training.models import Normalize
+from training.parity import backbone_min_cosine
 
 PARITY_MIN_COSINE = 0.9999
 
@@ -149,7 +156,7 @@ def init_from_package(
         bn.weight.copy_(torch.sqrt(var + bn.eps))
         bn.bias.add_(mean)
 
-    cosine = _parity(backbone, model_path, check_images)
+    cosine = backbone_min_cosine(backbone, model_path, check_images)
     backbone.train(was_training)
     if cosine < PARITY_MIN_COSINE:
         raise ValueError(
@@ -157,29 +164,23 @@ def init_from_package(
             f"(min cosine {cosine:.6f} < {PARITY_MIN_COSINE}); not a graph of this backbone?"
         )
     training = card.get("training", {})
+    epochs, total = training.get("epochs"), training.get("total_epochs")
+    if total is None:  # a card from before total_epochs
+        total = int(epochs or 0) + lineage_epochs(training.get("init_from"))
     return {
         "kind": "package",
         "path": str(package),
         "name": card.get("name"),
         "model_sha256": sha256_file(model_path),
         "method": card.get("method"),
-        "epochs": training.get("epochs"),
+        "epochs": epochs,
+        # a reference: the package's own lineage stays in its card (training/lineage.py)
+        "total_epochs": int(total),
         "command": training.get("command"),
-        "init_from": training.get("init_from"),
         "metrics": card.get("metrics"),
         "parity_min_cosine": cosine,
         "batchnorm_statistics_images": int(len(views)),
     }
-
-
-def _parity(backbone: nn.Module, model_path: Path, images: torch.Tensor) -> float:
-    """Min cosine between the exporter's graph of `backbone` (eval mode) and model.onnx."""
-    # imported here: training.export imports the trainer, which imports this module
-    from training.export import EmbeddingGraph, cpu_session, parity, run_session, torch_embeddings
-
-    nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-    ours = torch_embeddings(EmbeddingGraph(backbone).eval(), nhwc)
-    return parity(run_session(cpu_session(model_path), nhwc), ours)[0]
 
 
 def init_from_checkpoint(backbone: nn.Module, path: str | Path) -> dict[str, Any]:
@@ -196,8 +197,9 @@ def init_from_checkpoint(backbone: nn.Module, path: str | Path) -> dict[str, Any
         "checkpoint_sha256": sha256_file(path),
         "method": cfg.get("method"),
         "epochs": state.get("epoch"),
+        "total_epochs": int(state.get("epoch") or 0) + lineage_epochs(state.get("init_from")),
         "command": cfg.get("extra", {}).get("command"),
-        "init_from": state.get("init_from"),
+        "init_from": reference(state.get("init_from")),
         **({"encoder_only": state["encoder_only"]} if state.get("encoder_only") else {}),
     }
 
@@ -242,3 +244,48 @@ def init_heads_from_checkpoint(model: nn.Module, path: str | Path, method: str) 
         "tensors": len(heads),
         "command": state.get("config", {}).get("extra", {}).get("command"),
     }
+
+
+def warm_start(
+    model: MethodModel,
+    cfg: TrainConfig,
+    dataset: TwoViewDataset,
+    photometric: tuple[nn.Module, nn.Module] | None,
+    train_samples: Samples,
+) -> dict[str, Any]:
+    """--init-from (and --init-heads-from) for a freshly built model; the record of the sources.
+
+    `dataset` and `photometric` give the training views whose statistics rebuild a package's
+    BatchNorms; `train_samples` the images on which the rebuilt encoder is checked.
+    """
+    source = cfg.init_from
+    if Path(source).is_file() and Path(source).suffix != ".onnx":
+        record = init_from_checkpoint(model.backbone, source)
+    else:
+        views = training_views(dataset, photometric, cfg.seed)
+        # the parity images as the package's card preprocesses them: its graph takes its
+        # own input size, which need not be this run's --image-size (nor --eval-size)
+        check = EvalDataset(train_samples, card_preprocess(read_package(source)[1]))
+        check_images = torch.stack([check[i][0] for i in range(min(len(check), 32))])
+        record = init_from_package(model.backbone, source, views, Normalize(), check_images)
+    model.after_encoder_init()  # BYOL: the teacher starts as a copy of the online network
+    tqdm.write(f"initialised the encoder from {source}: {json.dumps(record)[:300]}")
+    if cfg.init_heads_from:
+        heads = init_heads_from_checkpoint(model, cfg.init_heads_from, cfg.method)
+        record = {**record, "heads_from": heads}
+        tqdm.write(f"initialised the heads from {cfg.init_heads_from}: {json.dumps(heads)}")
+    return record
+
+
+def training_views(
+    dataset: TwoViewDataset, photometric: tuple[nn.Module, nn.Module] | None, seed: int
+) -> torch.Tensor:
+    """1,024 images spread over the training set (it is ordered by class), 2 views each, with
+    the whole augmentation recipe: what the BatchNorm statistics are measured on."""
+    picks = np.linspace(0, len(dataset) - 1, min(len(dataset), 1024))
+    views = torch.cat([torch.stack(dataset[int(i)]) for i in picks])
+    if photometric is not None:  # --device-augment: the rest of each view's recipe
+        gen = torch.Generator().manual_seed(seed)
+        first, second = (photometric[v](views[v::2], gen) for v in (0, 1))
+        views = torch.stack((first, second), 1).flatten(0, 1)
+    return views

@@ -1,7 +1,7 @@
 """Run by `torchrun` from test_distributed.py: one training step's gradients under DDP.
 
 Each rank builds the same model (same seed), wraps it exactly as the trainer does (synchronized
-BatchNorm, DDP, the distributed Barlow Twins loss), computes the loss on its half of a fixed
+BatchNorm, DDP around the method's trained module, the distributed Barlow Twins loss), computes the loss on its half of a fixed
 batch and back-propagates. Rank 0 saves the gradients, which DDP has averaged over the ranks.
 """
 
@@ -12,8 +12,7 @@ import torch.distributed as dist
 
 from tests.training.test_distributed import config_for, fixed_batch
 from training.distributed import convert_sync_batchnorm, init_from_env
-from training.methods import BYOL
-from training.trainer import build_model, wrap_ddp
+from training.models import build_model, wrap_ddp
 
 
 def main(method: str, out: str) -> None:
@@ -30,7 +29,7 @@ def main(method: str, out: str) -> None:
         x1[info.rank * half : (info.rank + 1) * half],
         x2[info.rank * half : (info.rank + 1) * half],
     )
-    loss, _ = ddp(x1, x2, model.targets(x1, x2)) if isinstance(model, BYOL) else ddp(x1, x2)
+    loss, _ = ddp(*model.step_inputs(x1, x2))  # BYOL: the teacher's targets, outside DDP
     loss.backward()
     if info.rank == 0:
         torch.save(

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from training.augment import TwoViews, view_specs
+from training.methods import METHODS
 
 
 @pytest.fixture
@@ -12,7 +13,7 @@ def image():
     return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 80, 96), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("method", ["barlow_twins", "byol", "simsiam"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("size", [32, 64])
 def test_views_are_uint8_of_the_training_size(method, size, image):
     v1, v2 = TwoViews(method, size)(image)
@@ -43,7 +44,7 @@ def test_byol_and_barlow_twins_are_asymmetric_simsiam_is_not():
 
 
 def test_small_images_have_no_blur():
-    for method in ("byol", "barlow_twins", "simsiam"):
+    for method in METHODS:
         assert all(s.blur_p == 0.0 for s in view_specs(method, small_images=True))
     names = [type(t).__name__ for t in TwoViews("byol", 32).view1.transforms]
     assert "GaussianBlur" not in str(names) and "RandomApply" in names

@@ -10,7 +10,8 @@ import torch
 
 from training.config import TrainConfig
 from training.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
-from training.trainer import build_model
+from training.methods import METHODS
+from training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +41,7 @@ def test_cpu_sync_batchnorm_is_plain_batchnorm_in_one_process():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["barlow_twins", "simsiam", "byol"])
+@pytest.mark.parametrize("method", METHODS)
 def test_two_gloo_ranks_match_one_process_on_the_whole_batch(method, tmp_path):
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

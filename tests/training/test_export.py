@@ -16,19 +16,14 @@ import torch
 
 from embedserve import package as pkg
 from embedserve.preprocess import preprocess_batch
+from training import card as card_module
 from training import export
+from training.card import equivalent_command
 from training.config import TrainConfig
-from training.export import (
-    TOLERANCES,
-    EmbeddingGraph,
-    ExportRefused,
-    batch_consistency,
-    equivalent_command,
-    export_package,
-    load_encoder,
-    parity,
-    torch_embeddings,
-)
+from training.export import export_package
+from training.export_checks import TOLERANCES, ExportRefused
+from training.models import EmbeddingGraph, Normalize, load_encoder
+from training.parity import batch_consistency, cpu_session, parity, run_session, torch_embeddings
 from training.train import build_parser
 from training.trainer import Trainer
 
@@ -93,7 +88,7 @@ def test_the_exported_package_embeds_files_as_pytorch_does(trained, exported, im
         assert recorded["tolerance"] == asdict(tolerance)
     # the fp32 graph is the online encoder (BYOL's teacher is left out) with the trainer's normalization
     model_ref = torch.nn.functional.normalize(
-        graph.backbone(export.Normalize()(torch.from_numpy(inputs).permute(0, 3, 1, 2))), dim=1
+        graph.backbone(Normalize()(torch.from_numpy(inputs).permute(0, 3, 1, 2))), dim=1
     )
     fp32 = pkg.Encoder(package, variant="fp32", device="cpu").embed(inputs)
     assert np.abs(fp32 - model_ref.detach().numpy()).max() <= 1e-4
@@ -163,10 +158,10 @@ def test_the_graph_takes_uint8_nhwc_with_a_dynamic_batch_and_passes_the_checker(
     assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert dims[1:] == [32, 32, 3] and isinstance(dims[0], str)
     assert out.name == "embeddings" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    session = export.cpu_session(exported / "model.onnx", threads=2)
+    session = cpu_session(exported / "model.onnx", threads=2)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     assert (
-        batch_consistency(lambda x: export.run_session(session, x), images)
+        batch_consistency(lambda x: run_session(session, x), images)
         <= TOLERANCES["fp32"].batch_max_abs_diff
     )
 
@@ -251,7 +246,7 @@ def test_the_equivalent_command_rebuilds_the_configuration():
     )
     command = equivalent_command(asdict(cfg.resolved()))
     args = vars(build_parser().parse_args(shlex.split(command)[3:]))
-    args.pop("resume")
+    args.pop("resume"), args.pop("recipe")
     rebuilt = TrainConfig(**{**args, "progress": cfg.progress}).resolved()
     assert asdict(rebuilt) == asdict(cfg.resolved())
     assert "--lr 0.5" in command and "--weight-decay" not in command  # only what was chosen
@@ -261,7 +256,7 @@ def test_the_equivalent_command_rebuilds_the_configuration():
     command = equivalent_command(asdict(fixres.resolved()))
     assert "--eval-size 128" in command and "--eval-resize" not in command
     args = vars(build_parser().parse_args(shlex.split(command)[3:]))
-    args.pop("resume")
+    args.pop("resume"), args.pop("recipe")
     rebuilt = TrainConfig(**{**args, "progress": fixres.progress}).resolved()
     assert asdict(rebuilt) == asdict(fixres.resolved())
 
@@ -310,7 +305,9 @@ def test_the_runs_own_knn_names_the_precision_auto_resolved_to(tmp_path):
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = TrainConfig(data=str(tmp_path / "imagenette"), knn_ks=(20, 200))
-    knn = export.knn_from_run({"step": 6}, cfg, tmp_path / "checkpoint.pt", "imagenette")
+    knn = card_module.knn_from_run({"step": 6}, cfg, tmp_path / "checkpoint.pt", "imagenette")
     assert [(m["k"], m["top1"]) for m in knn] == [(20, 0.7), (200, 0.6)]
     assert all(m["source"] == "trainer evaluation at step 6 (PyTorch, fp32 precision)" for m in knn)
-    assert export.knn_from_run({"step": 5}, cfg, tmp_path / "checkpoint.pt", "imagenette") == []
+    assert (
+        card_module.knn_from_run({"step": 5}, cfg, tmp_path / "checkpoint.pt", "imagenette") == []
+    )

@@ -4,16 +4,19 @@ atomic checkpoints and the command line."""
 import json
 import math
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
 from training import checkpoint
-from training import trainer as trainer_module
+from training import precision as precision_module
 from training.config import TrainConfig
+from training.methods import METHODS
+from training.precision import resolve_precision
 from training.train import build_parser, main
-from training.trainer import Trainer, TrainingStopped, resolve_precision
+from training.trainer import Trainer, TrainingStopped
 
 SMALL_HEADS = {
     "proj_dims": (128, 128, 128),
@@ -52,7 +55,7 @@ def train_losses(out) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["barlow_twins", "byol", "simsiam"])
+@pytest.mark.parametrize("method", METHODS)
 def test_a_short_run_on_generated_images_lowers_the_loss(image_folder, tmp_path, method):
     cfg = small_config(
         image_folder, tmp_path, method=method, epochs=3, lr=0.1 if method == "simsiam" else None
@@ -66,7 +69,7 @@ def test_a_short_run_on_generated_images_lowers_the_loss(image_folder, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["byol", "barlow_twins"])
+@pytest.mark.parametrize("method", METHODS)
 def test_a_resumed_run_equals_an_uninterrupted_one(image_folder, tmp_path, method):
     straight = small_config(image_folder, tmp_path / "straight", method=method, epochs=2)
     Trainer(straight).fit()
@@ -113,7 +116,9 @@ def fake_cpu(monkeypatch, *, avx512_bf16: bool, amx: bool, bf16_speedup: float =
     calls = []
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    monkeypatch.setattr(trainer_module, "cpu_bf16_speedup", lambda: calls.append(1) or bf16_speedup)
+    monkeypatch.setattr(
+        precision_module, "cpu_bf16_speedup", lambda: calls.append(1) or bf16_speedup
+    )
     return calls
 
 
@@ -144,7 +149,7 @@ def test_auto_precision_keeps_fp32_where_bf16_measures_no_faster(monkeypatch, sp
 
 def test_the_bf16_probe_measures_a_ratio_and_leaves_the_global_rng_alone():
     rng = torch.get_rng_state()
-    speedup = trainer_module.cpu_bf16_speedup.__wrapped__(reps=1)  # uncached, one timing each
+    speedup = precision_module.cpu_bf16_speedup.__wrapped__(reps=1)  # uncached, one timing each
     assert math.isfinite(speedup) and speedup > 0
     assert torch.equal(torch.get_rng_state(), rng)
 
@@ -247,6 +252,22 @@ def test_every_config_field_has_a_documented_flag(capsys):
         "--channels-last",
     ):
         assert flag in text
+
+
+def test_each_options_help_is_written_once_on_its_field_and_shown_by_help(capsys):
+    """training/config.py holds every option's help (config.opt); the parser is built from it."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    options = [f for f in fields(TrainConfig) if f.name != "extra"]
+    for f in options:
+        assert f.metadata.get("help"), f"{f.name}: no help on its field"
+        assert "--" + f.name.replace("_", "-") in text
+        first_words = " ".join(f.metadata["help"].split()[:6])
+        assert first_words in text, f.name
+    # the warm start that made the shipped default (its last stage used both)
+    for flag, words in (("--init-from", "exported model package"), ("--init-heads-from", "heads")):
+        assert flag in text and words in text
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
@@ -363,7 +384,7 @@ def test_an_encoder_only_checkpoint_keeps_the_backbone_and_starts_a_run(
     assert run.init_record["kind"] == "checkpoint" and run.init_record["epochs"] == 1
     assert torch.equal(run.model.backbone.conv1.weight.detach(), w_slim.float())
     # and training.export builds the same embedding graph from it as from the full checkpoint
-    from training.export import load_encoder
+    from training.models import load_encoder
 
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     with torch.no_grad():
@@ -418,3 +439,29 @@ def test_head_warmup_must_leave_epochs_for_the_encoder(tmp_path, head_warmup_epo
     cfg = TrainConfig(epochs=2, head_warmup_epochs=head_warmup_epochs)
     with pytest.raises(ValueError, match="head_warmup_epochs must be >= 0 and below epochs"):
         cfg.resolved()
+
+
+# The checkpoint format that --resume reads: a run stopped by older code resumes with this one.
+CHECKPOINT_KEYS = {
+    "config", "model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "best_knn",
+    "epoch_times", "rng", "torch_version", "init_from",
+}  # fmt: skip
+MODEL_PARTS = {
+    "barlow_twins": ["backbone", "projector"],
+    "byol": ["backbone", "projector", "predictor", "teacher_backbone", "teacher_projector"],
+    "simsiam": ["backbone", "projector", "predictor"],
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_checkpoint_format_stays_what_resume_reads(image_folder, tmp_path, method):
+    if method not in MODEL_PARTS:
+        pytest.skip(f"{method}: a method newer than this format pin")
+    ck = checkpoint.load(init_checkpoint(image_folder, tmp_path, method=method))
+    assert set(ck) == CHECKPOINT_KEYS
+    parts = list(dict.fromkeys(k.split(".")[0] for k in ck["model"]))
+    assert parts == MODEL_PARTS[method]
+    assert list(ck["config"]) == [f.name for f in fields(TrainConfig)]
+    groups = [(g["weight_decay"] > 0, g["fixed_lr"]) for g in ck["optimizer"]["param_groups"]]
+    fixed = [(True, True), (False, True)] if method == "simsiam" else []
+    assert groups == [(True, False), *fixed[:1], (False, False), *fixed[1:]]

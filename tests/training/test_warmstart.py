@@ -14,11 +14,15 @@ from torch import nn
 
 from embedserve.package import sha256_file
 from training import checkpoint as ckpt_io
-from training import trainer as trainer_module
+from training import warmstart
 from training.backbones import create_backbone
-from training.export import EmbeddingGraph, export_onnx, generated_images, training_record
+from training.card import training_record
+from training.export_data import generated_images
+from training.methods import METHODS
+from training.models import EmbeddingGraph, Normalize
+from training.onnx_graph import export_onnx
 from training.train import main
-from training.trainer import Normalize, Trainer
+from training.trainer import Trainer
 from training.warmstart import init_from_checkpoint, init_from_package, read_package
 
 from .test_trainer import init_checkpoint, small_config
@@ -152,8 +156,11 @@ def test_a_run_started_from_a_package_records_it_and_resumes_without_it(
         ckpt = tmp_path / "run" / "checkpoint.pt"
         ck = ckpt_io.load(ckpt)
         assert ck["init_from"]["name"] == "bt-test" and ck["init_from"]["epochs"] == 7
+        # a reference to the package: its own lineage stays in its card, not copied
+        assert ck["init_from"]["total_epochs"] == 7 and "init_from" not in ck["init_from"]
         record = training_record(ck, trainer.cfg, ckpt)
         assert record["init_from"]["model_sha256"] == sha256_file(pkg / "model.onnx")
+        assert "command" not in record["init_from"] and "metrics" not in record["init_from"]
         assert record["epochs"] == 0 and record["total_epochs"] == 7  # 1 step of epoch 1
 
         # the package may be gone (re-exported over) by the time the run is resumed
@@ -201,13 +208,13 @@ def test_device_augment_rebuilds_the_batchnorms_from_fully_augmented_views(
     statistics must still come from views with the photometric half applied, as in training."""
     pkg, original = package
     seen = {}
-    real = trainer_module.warmstart.init_from_package
+    real = warmstart.init_from_package
 
     def spy(backbone, package, views, prepare, check_images):
         seen["views"] = views
         return real(backbone, package, views, prepare, check_images)
 
-    monkeypatch.setattr(trainer_module.warmstart, "init_from_package", spy)
+    monkeypatch.setattr(warmstart, "init_from_package", spy)
     cfg = small_config(
         image_folder,
         tmp_path / "run",
@@ -236,7 +243,7 @@ def _part(state: dict, prefix: str) -> dict:
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
 
-@pytest.mark.parametrize("method", ["barlow_twins", "byol"])
+@pytest.mark.parametrize("method", METHODS)
 def test_init_heads_from_takes_the_heads_of_one_checkpoint_and_the_encoder_of_another(
     image_folder, tmp_path, method
 ):

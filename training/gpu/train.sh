@@ -1,12 +1,19 @@
-# Step 2: one schedule from $INIT that ends within $BUDGET seconds, on the GPU.
+# Step 2: train a recipe on this machine's GPU(s), with the photometric augmentations on the
+# device, and bring back its log, metrics and encoder.
+#     bash training/gpu/train.sh training/recipes/NAME.toml [training.train flags]
+# Flags after the recipe override it (e.g. --init-from "$INIT"). With BUDGET set and step 1's
+# measurements in /tmp/gpu-plan, --epochs is the number whose schedule fits BUDGET seconds.
 source training/gpu/common.sh
-INIT=${INIT:-.devinit/init.fp16.pt}
-python3 training/gpu/plan.py "$PLAN" | tee "$PLAN/plan.env" "$OUT/plan.env"
-source "$PLAN/plan.env"
-RUN=runs/bt-gpu-${EPOCHS}ep-bs64-lars0.25-crop0.4
-timeout $((${BUDGET:-470} + 50)) python3 -m training.train $RECIPE --data "$DATA" --epochs "$EPOCHS" \
-    --eval-at-start --eval-every 20 --device-augment --workers "$WORKERS" --ckpt-every-epochs 10 \
-    --init-from "$INIT" --out "$RUN" > "$OUT/train.log" 2>&1
+PLANNED=()
+if [ -n "${BUDGET:-}" ] && [ -f "$PLAN/walls" ]; then
+    python3 training/gpu/plan.py "$PLAN" | tee "$PLAN/plan.env" "$OUT/plan.env"
+    source "$PLAN/plan.env"
+    PLANNED=(--epochs "$EPOCHS")
+fi
+RUN=${RUN:-runs/gpu-$NAME}
+timeout $((${BUDGET:-86400} + 50)) torchrun --standalone --nproc-per-node "$GPUS" \
+    -m training.train --recipe "$RECIPE_FILE" --device-augment --data "$DATA" \
+    --workers "$WORKERS" --no-progress --out "$RUN" ${PLANNED[@]+"${PLANNED[@]}"} "$@" > "$OUT/train.log" 2>&1
 echo "train rc $?"
 tail -3 "$OUT/train.log"
 python3 -m training.checkpoint encoder "$RUN/checkpoint.pt" /tmp/encoder.pt

@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.distributed import autograd_all_reduce
 from training.heads import barlow_twins_projector
+from training.methods.base import Method, MethodModel
 
 BN_EPS = 1e-5  # as nn.BatchNorm1d uses
 
@@ -22,9 +24,7 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     gradient averaging then silently scales the correlation term by 1/world_size.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from training.distributed import autograd_all_reduce as all_reduce
-
-        return all_reduce(t)
+        return autograd_all_reduce(t)
     return t
 
 
@@ -71,7 +71,7 @@ def _barlow_twins_loss_fp32(
     return on_diag + lambd * off_diag
 
 
-class BarlowTwins(nn.Module):
+class BarlowTwins(MethodModel):
     """Backbone + projector; the loss is symmetric, so no predictor and no teacher."""
 
     def __init__(
@@ -93,3 +93,13 @@ class BarlowTwins(nn.Module):
         z1 = self.projector(self.backbone(x1))  # NxD
         z2 = self.projector(self.backbone(x2))  # NxD
         return barlow_twins_loss(z1, z2, self.lambd, self.distributed), z1.detach()
+
+
+METHOD = Method(
+    name="barlow_twins",
+    model=BarlowTwins,
+    build=lambda backbone, dim, cfg, distributed: BarlowTwins(
+        backbone, dim, cfg.proj_dims, cfg.lambd, distributed=distributed
+    ),
+    head_defaults={"proj_dims": (2048, 2048, 2048)},
+)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training.heads import byol_predictor, byol_projector
+from training.methods.base import Method, MethodModel
 
 
 def byol_loss(
@@ -79,10 +81,11 @@ class _Online(nn.Module):
         return _online_loss(self, x1, x2, targets)
 
 
-class BYOL(nn.Module):
+class BYOL(MethodModel):
     """Online network (backbone, projector, predictor) and its EMA teacher (backbone, projector).
 
-    `update_teacher(step, total_steps)` must be called after every optimizer step.
+    `update_teacher(step, total_steps)` must be called after every optimizer step (the
+    `after_step` hook).
     """
 
     def __init__(
@@ -132,3 +135,29 @@ class BYOL(nn.Module):
         self.tau = cosine_tau(step, total_steps, self.tau_base)
         ema_update(self.teacher_backbone, self.backbone, self.tau)
         ema_update(self.teacher_projector, self.projector, self.tau)
+
+    # -- the trainer's hooks (training.methods.base.MethodModel) ---------------------------
+    def trained_module(self) -> nn.Module:
+        return self.online_network()
+
+    def step_inputs(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[Any, ...]:
+        return x1, x2, self.targets(x1, x2)  # the teacher runs outside the DDP-wrapped network
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.update_teacher(step, total_steps)
+
+    def after_encoder_init(self) -> None:
+        self.teacher_backbone.load_state_dict(self.backbone.state_dict())
+
+    def step_metrics(self) -> dict[str, float]:
+        return {"tau": self.tau}
+
+
+METHOD = Method(
+    name="byol",
+    model=BYOL,
+    build=lambda backbone, dim, cfg, distributed: BYOL(
+        backbone, dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_hidden_dim, cfg.tau_base
+    ),
+    head_defaults={"proj_hidden_dim": 4096, "proj_dim": 256, "pred_hidden_dim": 4096},
+)

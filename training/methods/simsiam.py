@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.heads import simsiam_predictor, simsiam_projector
+from training.methods.base import Method, MethodModel
 
 
 def simsiam_loss(
@@ -28,7 +29,7 @@ def simsiam_loss(
     return -(cos12 + cos21) / 2
 
 
-class SimSiam(nn.Module):
+class SimSiam(MethodModel):
     """Backbone + projector (encoder f) and predictor h."""
 
     def __init__(
@@ -48,3 +49,17 @@ class SimSiam(nn.Module):
         z2 = self.projector(self.backbone(x2))  # NxD
         p1, p2 = self.predictor(z1), self.predictor(z2)  # NxD
         return simsiam_loss(p1, p2, z1, z2), z1.detach()
+
+
+METHOD = Method(
+    name="simsiam",
+    model=SimSiam,
+    build=lambda backbone, dim, cfg, distributed: SimSiam(
+        backbone, dim, cfg.proj_dim, cfg.pred_hidden_dim
+    ),
+    head_defaults={"proj_dim": 2048, "pred_hidden_dim": 512},
+    # both views alike: crops from 20% of the image, stronger saturation jitter, blur p 0.5
+    views=({"crop_scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "blur_p": 0.5},) * 2,
+    fixed_lr_prefixes=("predictor",),  # the paper: the predictor's lr is not decayed
+    warmup_epochs=lambda epochs: 0.0,
+)

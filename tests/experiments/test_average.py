@@ -1,4 +1,5 @@
-"""training.average: weighted averages of encoders, BatchNorm statistics measured again."""
+"""benchmarks.experiments.average: weighted averages of encoders, BatchNorm statistics
+measured again."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.experiments.average import _Views, average_checkpoints, average_states, main
 from embedserve.package import sha256_file
+from tests.training.test_trainer import init_checkpoint
 from training import checkpoint as ckpt_io
 from training.augment import TwoViews
-from training.average import _Views, average_checkpoints, average_states, main
+from training.card import training_record
 from training.config import TrainConfig
 from training.data import TwoViewDataset, load_splits
-from training.export import training_record
-from training.trainer import Normalize
-
-from .test_trainer import init_checkpoint
+from training.models import Normalize
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_the_command_writes_a_checkpoint_that_export_records(two, image_folder, 
     assert main([str(out), *map(str, two), "--weights", "0.4", "0.6", "--bn-images", "8"]) == 0
     assert "wrote" in capsys.readouterr().out
     ck = ckpt_io.load(out)
-    assert ck["averaged_from"]["command"].startswith("python -m training.average ")
+    assert ck["averaged_from"]["command"].startswith("python -m benchmarks.experiments.average ")
     cfg = TrainConfig.from_dict(ck["config"]).resolved()
     record = training_record(ck, cfg, out)
     assert [s["weight"] for s in record["averaged_from"]["sources"]] == [0.4, 0.6]

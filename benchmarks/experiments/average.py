@@ -1,4 +1,5 @@
-"""Weight averaging of encoders: `python -m training.average OUT CKPT CKPT [...] --data DIR`.
+"""Weight averaging of encoders: `python -m benchmarks.experiments.average OUT CKPT CKPT [...]
+--data DIR`. An experiment: no shipped model is an average.
 
 Averages the encoder weights of several training checkpoints of one network (a run's last
 epochs, or restarts from the same package: stochastic weight averaging, Izmailov et al. 2018;
@@ -36,6 +37,7 @@ from training.augment import TwoViews
 from training.backbones import create_backbone
 from training.config import TrainConfig
 from training.data import TwoViewDataset, load_splits
+from training.models import Normalize
 
 
 def average_states(
@@ -90,8 +92,6 @@ def recalibrate_batchnorm(
     backbone: nn.Module, cfg: TrainConfig, images: int, batch_size: int = 64
 ) -> dict[str, Any]:
     """Measure every BatchNorm's running statistics anew over training views (see the module)."""
-    from training.trainer import Normalize  # the trainer imports heavy optional modules
-
     train, _ = load_splits(
         cfg.data, cfg.holdout_fraction, cfg.seed, cfg.data_root, False, cfg.holdout_from_train
     )
@@ -159,7 +159,7 @@ def average_checkpoints(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m training.average",
+        prog="python -m benchmarks.experiments.average",
         description="Average the encoders of several checkpoints of one network into an "
         "encoder-only checkpoint (for training.export or --init-from); BatchNorm statistics "
         "are measured again on training views.",
@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     state["averaged_from"]["command"] = shlex.join(
-        ["python", "-m", "training.average", *(argv if argv is not None else sys.argv[1:])]
+        [
+            "python",
+            "-m",
+            "benchmarks.experiments.average",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
     )
     checkpoint.save_atomic(state, args.out)
     sources = ", ".join(

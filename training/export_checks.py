@@ -1,0 +1,104 @@
+"""What every exported file must meet against PyTorch fp32 (`TOLERANCES`), the check of one file,
+and the last check of a staged package: loaded by embedserve as the server loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from embedserve import package as pkg
+from training.parity import batch_consistency, parity, run_session
+
+BATCH_CHECK = 8  # a batch of this many must give the rows of as many single-image runs
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a file must meet against PyTorch fp32, per embedding (L2-normalized rows)."""
+
+    min_cosine: float
+    max_abs_diff: float
+    batch_max_abs_diff: float  # batch of BATCH_CHECK against single-image runs
+    max_knn_drop: float | None  # kNN top-1 lost against model.onnx, when labels are available
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    # the contract of the issue: the fp32 graph computes what PyTorch computes
+    "fp32": Tolerance(
+        min_cosine=0.99999, max_abs_diff=1e-4, batch_max_abs_diff=1e-5, max_knn_drop=None
+    ),
+    # fp16 keeps ~3 significant digits per value (the norm is summed in fp32): measured
+    # 0.9999994 / 2.5e-4 on a ResNet-18 (SimSiam, Imagenette 128 px)
+    "fp16": Tolerance(
+        min_cosine=0.999, max_abs_diff=2e-3, batch_max_abs_diff=1e-3, max_knn_drop=0.005
+    ),
+    # static int8 (per-channel weights, uint8 activations): measured 0.9987 / 0.0086 on the same
+    "int8": Tolerance(
+        min_cosine=0.99, max_abs_diff=0.05, batch_max_abs_diff=0.02, max_knn_drop=0.02
+    ),
+}
+
+
+class ExportRefused(RuntimeError):
+    """A check failed: the package was not written (the message says which and by how much)."""
+
+
+def check_file(
+    label: str,
+    session: ort.InferenceSession,
+    images: np.ndarray,
+    reference: np.ndarray,
+    tolerance: Tolerance,
+    image_source: str,
+) -> dict[str, Any]:
+    """Parity of one ONNX file against PyTorch; raise ExportRefused with the numbers on failure."""
+    outputs = run_session(session, images)
+    min_cos, max_abs = parity(reference, outputs)
+    batch_diff = batch_consistency(lambda x: run_session(session, x), images[:BATCH_CHECK])
+    failures = []
+    if not min_cos >= tolerance.min_cosine:  # `not >=` also catches NaN
+        failures.append(f"min cosine {min_cos:.7f} (needs >= {tolerance.min_cosine})")
+    if not max_abs <= tolerance.max_abs_diff:
+        failures.append(f"max abs diff {max_abs:.3g} (needs <= {tolerance.max_abs_diff:g})")
+    if not batch_diff <= tolerance.batch_max_abs_diff:
+        failures.append(
+            f"a batch of {BATCH_CHECK} differs from {BATCH_CHECK} single-image runs by {batch_diff:.3g} "
+            f"(needs <= {tolerance.batch_max_abs_diff:g})"
+        )
+    measured = (
+        f"min cosine {min_cos:.7f}, max abs diff {max_abs:.3g}, batch-vs-single {batch_diff:.3g}"
+    )
+    if failures:
+        raise ExportRefused(
+            f"{label} fails the check against PyTorch fp32 on {len(images)} images ({image_source}): "
+            + "; ".join(failures)
+            + f". Measured: {measured}."
+        )
+    return {
+        "min_cosine": min_cos,
+        "max_abs_diff": max_abs,
+        "batch_max_abs_diff": batch_diff,
+        "images": {"count": len(images), "source": image_source},
+        "tolerance": asdict(tolerance),
+    }
+
+
+def verify_with_embedserve(
+    path: Path, images: np.ndarray, reference: np.ndarray, threads: int | None
+) -> None:
+    """Load the staged package as the server does (schema, sha256, I/O) and embed with each file."""
+    package = pkg.load_package(path)
+    for variant in package.variants:
+        encoder = pkg.Encoder(package, variant=variant, device="cpu", intra_op_threads=threads)
+        min_cos, max_abs = parity(reference, encoder.embed(images))
+        tolerance = TOLERANCES[variant]
+        if not (min_cos >= tolerance.min_cosine and max_abs <= tolerance.max_abs_diff):
+            raise ExportRefused(
+                f"{package.file(variant).name} loaded by embedserve gives min cosine {min_cos:.7f}, "
+                f"max abs diff {max_abs:.3g} against PyTorch"
+            )
