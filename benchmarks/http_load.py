@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.common import ROOT
+
 BOUNDARY = "embedserve-load-7d3f1c9a2b"  # fixed: bodies are bytes built once
 FIELD = "images"  # the /embed form field, repeated once per image
 
@@ -339,6 +341,19 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def service_process(
+    log_path: str | os.PathLike,
+    env: Mapping[str, str] | None = None,
+    ready_timeout: float = 180.0,
+) -> ServerProcess:
+    """The embedding service (`service_command`) on a free port, run from the repository root,
+    its output in `log_path`: a ServerProcess to enter."""
+    port = free_port()
+    return ServerProcess(
+        service_command(port), port, log_path, env, cwd=ROOT, ready_timeout=ready_timeout
+    )
 
 
 def _group_alive(pgid: int) -> bool:

@@ -25,14 +25,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks.common import RESULTS, ROOT, command, machine
+from benchmarks.common import RESULTS, command, machine
 from benchmarks.http_load import (
     BOUNDARY,
-    ServerProcess,
     content_type,
-    free_port,
     multipart_body,
-    service_command,
+    service_process,
 )
 from benchmarks.soak import SERVER_ENV, worker_rss_mb
 from embedserve.config import ServeConfig
@@ -67,10 +65,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     cfg = ServeConfig()
-    port = free_port()
     log = Path("/tmp/memory-ceiling-server.log")
     results = {}
-    with ServerProcess(service_command(port), port, log, env=SERVER_ENV, cwd=ROOT) as s:
+    with service_process(log, SERVER_ENV) as s:
         idle = worker_rss_mb(s.proc.pid)
         ceiling = round(
             idle

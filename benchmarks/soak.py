@@ -25,7 +25,6 @@ import psutil
 from benchmarks.common import (
     IMAGENETTE,
     RESULTS,
-    ROOT,
     command,
     image_files,
     machine,
@@ -33,12 +32,10 @@ from benchmarks.common import (
 )
 from benchmarks.http_load import (
     BOUNDARY,
-    ServerProcess,
     content_type,
-    free_port,
     latency_summary_ms,
     multipart_body,
-    service_command,
+    service_process,
 )
 
 PHOTOS = IMAGENETTE / "val"
@@ -130,10 +127,9 @@ def main() -> int:
     if not files:
         raise SystemExit(f"no JPEG photos under {args.photos}")
     bodies = [multipart_body([f.read_bytes()]) for f in files]
-    port = free_port()
     args.out.mkdir(parents=True, exist_ok=True)
     log = Path("/tmp") / f"soak-server-{os.getpid()}.log"
-    with ServerProcess(service_command(port), port, log, env=SERVER_ENV, cwd=ROOT) as server:
+    with service_process(log, SERVER_ENV) as server:
         result = asyncio.run(
             soak(
                 server.url + "/embed",

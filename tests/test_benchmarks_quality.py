@@ -8,8 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import quality_table
+from benchmarks import (
+    quality_logs,
+    quality_markdown,
+    quality_methods,
+    quality_plots,
+    quality_sync,
+    quality_table,
+)
 from benchmarks.common import ROOT
+
+
+def use_root(monkeypatch, root: Path) -> None:
+    """Read the runs' logs, recipes, cards and eval reports below `root`."""
+    for module in (quality_logs, quality_methods, quality_sync, quality_table):
+        monkeypatch.setattr(module, "ROOT", root)
 
 
 def write_log(path: Path, init: float, per_epoch: list[float], seconds: float) -> None:
@@ -40,10 +53,10 @@ def set_init_from(path: Path, source: dict) -> None:
 
 
 def test_a_row_reports_final_best_init_time_and_the_published_figure(tmp_path, monkeypatch):
-    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    use_root(monkeypatch, tmp_path)
     write_log(tmp_path / "run.jsonl", init=0.30, per_epoch=[0.35, 0.42, 0.41], seconds=90)
     run = {"name": "r", "dataset": "imagenette-160", "metrics": "run.jsonl", "hardware": "cpu"}
-    row = quality_table.summarize(run, k=20)
+    row = quality_logs.summarize(run, k=20)
     assert (row["epochs"], row["knn_final"], row["knn_best"], row["knn_best_epoch"]) == (
         3,
         0.41,
@@ -53,13 +66,13 @@ def test_a_row_reports_final_best_init_time_and_the_published_figure(tmp_path, m
     assert row["random_init"] == 0.30 and row["train_minutes"] == 4.5
     assert row["published_knn"] == 0.887 and row["published_epochs"] == 800
     assert [p["epoch"] for p in row["curve"]] == [0, 1, 2, 3]
-    md = quality_table.markdown([row])
+    md = quality_markdown.markdown([row])
     assert "| r | byol | imagenette-160 | 3 | 41.00 | 42.00 (2) | 30.00 | 88.70 (800) |" in md
-    assert quality_table.plot(row, tmp_path).stat().st_size > 1000  # a PNG was drawn
+    assert quality_plots.plot(row, tmp_path).stat().st_size > 1000  # a PNG was drawn
 
 
 def test_the_linear_probe_comes_from_the_eval_reports_the_run_names(tmp_path, monkeypatch):
-    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    use_root(monkeypatch, tmp_path)
     write_log(tmp_path / "run.jsonl", init=0.30, per_epoch=[0.35], seconds=60)
     (tmp_path / "trained.json").write_text(json.dumps({"linear": {"top1": 0.6123}}))
     (tmp_path / "init.json").write_text(json.dumps({"linear": {"top1": 0.3456}}))
@@ -71,24 +84,24 @@ def test_the_linear_probe_comes_from_the_eval_reports_the_run_names(tmp_path, mo
         "linear_eval": "trained.json",
         "random_init_linear_eval": "init.json",
     }
-    row = quality_table.summarize(run, k=20)
+    row = quality_logs.summarize(run, k=20)
     assert (row["linear"], row["random_init_linear"], row["published_linear"]) == (
         0.6123,
         0.3456,
         0.9258,
     )
-    assert "| 61.23 (random init 34.56) | 92.58 |" in quality_table.markdown([row])
+    assert "| 61.23 (random init 34.56) | 92.58 |" in quality_markdown.markdown([row])
     (tmp_path / "init.json").write_text(json.dumps({"knn": []}))
     with pytest.raises(ValueError, match="no linear probe"):
-        quality_table.summarize(run, k=20)
+        quality_logs.summarize(run, k=20)
 
 
 def test_a_log_without_a_trained_evaluation_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    use_root(monkeypatch, tmp_path)
     write_log(tmp_path / "run.jsonl", init=0.30, per_epoch=[], seconds=90)
     run = {"name": "r", "dataset": "cifar10", "metrics": "run.jsonl", "hardware": "cpu"}
     with pytest.raises(ValueError, match="no evaluation after an epoch"):
-        quality_table.summarize(run, k=20)
+        quality_logs.summarize(run, k=20)
 
 
 def test_the_shipped_manifest_builds_the_table(tmp_path):
@@ -108,7 +121,7 @@ def test_the_shipped_manifest_builds_the_table(tmp_path):
 def test_a_run_started_from_another_counts_both_and_keeps_the_first_ones_baseline(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    use_root(monkeypatch, tmp_path)
     write_log(tmp_path / "first.jsonl", init=0.30, per_epoch=[0.40, 0.50], seconds=60)
     write_log(tmp_path / "second.jsonl", init=0.51, per_epoch=[0.48, 0.55, 0.58], seconds=120)
     source = {"kind": "package", "path": "models/x", "method": "byol", "epochs": 2}
@@ -124,7 +137,7 @@ def test_a_run_started_from_another_counts_both_and_keeps_the_first_ones_baselin
     }
     for run in runs.values():
         run["hardware"] = "cpu"
-    row = quality_table.summarize(runs["second"], k=20, runs=runs)
+    row = quality_logs.summarize(runs["second"], k=20, runs=runs)
     assert (row["epochs"], row["total_epochs"], row["knn_final"]) == (3, 5, 0.58)
     assert (row["knn_best"], row["knn_best_epoch"]) == (0.58, 5)  # counted from the first run
     assert row["random_init"] == 0.30 and row["start_knn"] == 0.51  # not the warm start
@@ -139,25 +152,25 @@ def test_a_run_started_from_another_counts_both_and_keeps_the_first_ones_baselin
         (4, 0.55),
         (5, 0.58),
     ]
-    md = quality_table.markdown([row])
+    md = quality_markdown.markdown([row])
     assert "| second | byol | imagenette-160 | 2 + 3 = 5 | 58.00 | 58.00 (5) | 30.00 |" in md
     assert "| 2.0 + 6.0 = 8.0 min |" in md
-    assert quality_table.plot(row, tmp_path).stat().st_size > 1000
+    assert quality_plots.plot(row, tmp_path).stat().st_size > 1000
 
     # the manifest must name the earlier run, and it must be the one the log started from
     del runs["second"]["continues"]
     with pytest.raises(ValueError, match="name that run in the manifest"):
-        quality_table.summarize(runs["second"], k=20, runs=runs)
+        quality_logs.summarize(runs["second"], k=20, runs=runs)
     runs["second"]["continues"] = "first"
     set_init_from(tmp_path / "second.jsonl", {**source, "epochs": 40})
     with pytest.raises(ValueError, match="not from first"):
-        quality_table.summarize(runs["second"], k=20, runs=runs)
+        quality_logs.summarize(runs["second"], k=20, runs=runs)
 
 
 def test_a_second_continuation_counts_the_whole_lineage(tmp_path, monkeypatch):
     """A run started from a continued run's package: the source's record counts its own
     epochs, with the run before it nested; the row counts all three schedules."""
-    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    use_root(monkeypatch, tmp_path)
     write_log(tmp_path / "a.jsonl", init=0.30, per_epoch=[0.40, 0.50], seconds=60)
     write_log(tmp_path / "b.jsonl", init=0.50, per_epoch=[0.52, 0.55, 0.58], seconds=60)
     write_log(tmp_path / "c.jsonl", init=0.58, per_epoch=[0.57, 0.61], seconds=120)
@@ -176,28 +189,28 @@ def test_a_second_continuation_counts_the_whole_lineage(tmp_path, monkeypatch):
         }
         for name, before in [("a", None), ("b", "a"), ("c", "b")]
     }
-    row = quality_table.summarize(runs["c"], k=20, runs=runs)
+    row = quality_logs.summarize(runs["c"], k=20, runs=runs)
     assert (row["epochs"], row["total_epochs"], row["knn_best_epoch"]) == (2, 7, 7)
     assert row["random_init"] == 0.30  # the first run's, two schedules back
     assert (row["train_minutes"], row["total_train_minutes"]) == (4.0, 9.0)
     assert [p["epoch"] for p in row["curve"]] == [0, 1, 2, 2, 3, 4, 5, 5, 6, 7]
     assert row["restarts"] == [2, 5]  # both later schedules, for the plot's markers
-    assert "| c | byol | imagenette-160 | 5 + 2 = 7 |" in quality_table.markdown([row])
+    assert "| c | byol | imagenette-160 | 5 + 2 = 7 |" in quality_markdown.markdown([row])
 
     # naming the first run instead of the one it started from is refused
     runs["c"]["continues"] = "a"
     with pytest.raises(ValueError, match="encoder of 5 epochs in all, not from a"):
-        quality_table.summarize(runs["c"], k=20, runs=runs)
+        quality_logs.summarize(runs["c"], k=20, runs=runs)
 
 
 def test_a_long_run_name_is_cut_at_its_hyphens_into_lines_that_fit_the_plot():
     name = "barlow-twins-imagenette-40+38+20+18+24ep-bs64-lars0.25-crop0.4"
-    lines = quality_table.title_lines(name)
+    lines = quality_plots.title_lines(name)
     assert len(lines) == 2
-    assert all(len(line) <= quality_table.TITLE_WIDTH for line in lines)
+    assert all(len(line) <= quality_plots.TITLE_WIDTH for line in lines)
     assert "".join(lines) == name  # nothing dropped, only cut
     assert all(line.endswith("-") for line in lines[:-1])  # at hyphens, not mid-word
-    assert quality_table.title_lines("simsiam-imagenette-5ep") == ["simsiam-imagenette-5ep"]
+    assert quality_plots.title_lines("simsiam-imagenette-5ep") == ["simsiam-imagenette-5ep"]
 
 
 # -- the methods side by side ----------------------------------------------------------------
@@ -230,7 +243,7 @@ def write_stretches(path: Path, method: str, stretches: list) -> None:
 
 def comparison(tmp_path: Path, monkeypatch) -> tuple[list[dict], dict]:
     """Two comparison runs (recipes under tmp_path) and the run giving their random init."""
-    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    use_root(monkeypatch, tmp_path)
     entries = []
     for method in ("simsiam", "byol"):
         recipe = tmp_path / "training" / "recipes" / f"{method}.toml"
@@ -249,7 +262,7 @@ def comparison(tmp_path: Path, monkeypatch) -> tuple[list[dict], dict]:
         )
     write_log(tmp_path / "init.jsonl", init=0.346, per_epoch=[0.40], seconds=60)
     init = {"name": "init", "dataset": "imagenette-160", "metrics": "init.jsonl", "hardware": "x"}
-    rows = {"init": quality_table.summarize(init, k=20)}
+    rows = {"init": quality_logs.summarize(init, k=20)}
     return entries, rows
 
 
@@ -262,7 +275,7 @@ def test_a_run_in_progress_shows_its_latest_online_figures_hours_and_cpus(tmp_pa
     stretches = [(EPYC, first), (XEON, second), (EPYC, third)]  # back on the first CPU
     write_stretches(tmp_path / "logs/simsiam.metrics.jsonl", "simsiam", stretches)
 
-    ss, byol = quality_table.method_rows(entries, {}, rows)
+    ss, byol = quality_methods.method_rows(entries, {}, rows)
     assert (ss["source"], ss["source_epoch"], ss["knn_k20"], ss["knn_k200"]) == (
         "online",
         10,
@@ -275,7 +288,7 @@ def test_a_run_in_progress_shows_its_latest_online_figures_hours_and_cpus(tmp_pa
     assert [p["epoch"] for p in ss["curve"]] == [5, 10]
     assert byol["package"] == "not started" and byol["hours"] is None and byol["curve"] == []
     assert byol["resolution"] == "96 px crops, 128 px eval"  # the recipe's plan
-    md = "\n".join(quality_table.methods_markdown([ss, byol]))
+    md = "\n".join(quality_markdown.methods_markdown([ss, byol]))
     assert (
         "| SimSiam | in progress: epoch 11 of 200 | online (epoch 10) | 45.00 | 44.00 (T=0.07) "
         "| - | - | - | 34.60 | 75.20 | 87.20 | 11 / 200 | 96 px crops, 128 px eval | 5.2 | "
@@ -291,7 +304,7 @@ def test_an_exported_package_gives_the_card_and_eval_figures(tmp_path, monkeypat
         "simsiam",
         [(EPYC, [(e, 3600.0, 0.5 + e / 1000) for e in range(1, 201)])],
     )
-    (ss, _) = quality_table.method_rows(entries, {}, rows)
+    (ss, _) = quality_methods.method_rows(entries, {}, rows)
     assert ss["package"] == "not exported yet" and ss["source"] == "online"
     assert ss["knn_k20"] == 0.7 and ss["epochs"] == 200 and ss["hours"] == 200.0
 
@@ -302,7 +315,7 @@ def test_an_exported_package_gives_the_card_and_eval_figures(tmp_path, monkeypat
         {"k": 200, "temperature": 0.07, "top1": 0.69},
     ]
     card.write_text(json.dumps({"method": "simsiam", "metrics": {"knn": knn}}))
-    (ss, _) = quality_table.method_rows(entries, {}, rows)
+    (ss, _) = quality_methods.method_rows(entries, {}, rows)
     # no eval report yet: the card's figures, its k=200 at T=0.07 (marked)
     assert (ss["source"], ss["package"], ss["knn_k20"], ss["knn_k200"]) == (
         "exported (card only)",
@@ -327,11 +340,11 @@ def test_an_exported_package_gives_the_card_and_eval_figures(tmp_path, monkeypat
             }
         )
     )
-    (ss, _) = quality_table.method_rows(entries, {}, rows)
+    (ss, _) = quality_methods.method_rows(entries, {}, rows)
     assert (ss["knn_k20"], ss["knn_k200"], ss["knn_k200_temperature"]) == (0.7105, 0.695, 0.1)
     assert (ss["recall@1"], ss["map@r"], ss["linear"]) == (0.66, 0.31, 0.8)
     assert ss["source"] == "exported"
-    md = "\n".join(quality_table.methods_markdown([ss]))
+    md = "\n".join(quality_markdown.methods_markdown([ss]))
     assert "| SimSiam | models/simsiam | exported | 71.05 | 69.50 | 66.00 | 31.00 | 80.00 |" in md
     assert "| 200 / 200 | 96 px crops, 128 px eval | 200.0 |" in md
 
@@ -382,15 +395,15 @@ def test_sync_logs_copies_a_longer_live_log_that_continues_the_committed_one(tmp
     live.parent.mkdir(parents=True)
     live.write_text('{"kind": "start"}\n{"kind": "epoch", "epoch": 1}\n{"kind": "ep')
     committed = tmp_path / "logs/simsiam.metrics.jsonl"
-    assert quality_table.sync_logs(entries) == [
+    assert quality_sync.sync_logs(entries) == [
         "synced logs/simsiam.metrics.jsonl from runs/simsiam/metrics.jsonl"
     ]
     # whole lines only: the trainer may be writing the last one
     assert committed.read_text() == '{"kind": "start"}\n{"kind": "epoch", "epoch": 1}\n'
-    assert quality_table.sync_logs(entries) == []  # nothing new
+    assert quality_sync.sync_logs(entries) == []  # nothing new
     committed.write_text(committed.read_text() + '{"kind": "epoch", "epoch": 2}\n')
-    assert quality_table.sync_logs(entries) == []  # the committed copy is longer: kept
+    assert quality_sync.sync_logs(entries) == []  # the committed copy is longer: kept
     assert committed.read_text().count("\n") == 3
     live.write_text('{"kind": "start", "other": 1}\n' * 5)
     with pytest.raises(ValueError, match="does not continue"):
-        quality_table.sync_logs(entries)
+        quality_sync.sync_logs(entries)

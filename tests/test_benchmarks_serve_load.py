@@ -152,10 +152,16 @@ def test_naive_server_answers_embed_and_the_load_generator_drives_it(tmp_path):
         os.killpg(pid, 0)
 
 
-def _serve_load():
-    from benchmarks import serve_load
+def _baselines():
+    from benchmarks import serve_load_baselines
 
-    return serve_load
+    return serve_load_baselines
+
+
+def _report():
+    from benchmarks import serve_load_report
+
+    return serve_load_report
 
 
 def test_server_settings_read_the_services_info():
@@ -166,7 +172,7 @@ def test_server_settings_read_the_services_info():
         "threads": {"intra_op": 2, "decode": 2},
         "batching": {"max_batch_size": 32, "max_latency_ms": 10000},
     }
-    s = _serve_load().server_settings(info, {})
+    s = _baselines().server_settings(info, {})
     assert s == {
         "package": "simsiam-resnet18-imagenette",
         "variant": "int8",
@@ -174,7 +180,7 @@ def test_server_settings_read_the_services_info():
         "threads": 2,
         "max_batch_size": 32,
     }
-    cuda = _serve_load().server_settings({**info, "provider": "CUDAExecutionProvider"}, {})
+    cuda = _baselines().server_settings({**info, "provider": "CUDAExecutionProvider"}, {})
     assert cuda["device"] == "cuda"
 
 
@@ -184,7 +190,7 @@ def test_server_settings_fall_back_to_the_environment():
         "EMBEDSERVE_MAX_BATCH_SIZE": "16",
         "EMBEDSERVE_VARIANT": "fp32",
     }
-    s = _serve_load().server_settings({}, env)
+    s = _baselines().server_settings({}, env)
     assert (s["threads"], s["max_batch_size"], s["variant"], s["device"]) == (3, 16, "fp32", "cpu")
 
 
@@ -202,7 +208,7 @@ def test_ratios_at_concurrency_16_against_the_pipeline_and_the_naive_server():
             {"batch": 32, "img_s": 400.0},
         ]
     }
-    r = _serve_load().ratios(service, naive, pipeline, max_batch=32)
+    r = _report().ratios(service, naive, pipeline, max_batch=32)
     assert r["concurrency"] == 16
     one, eight = r["by_images_per_request"]["1"], r["by_images_per_request"]["8"]
     assert one["vs_pipeline"] == pytest.approx(0.72) and one["vs_pipeline_met"]  # target 0.6
@@ -213,7 +219,7 @@ def test_ratios_at_concurrency_16_against_the_pipeline_and_the_naive_server():
 
 
 def test_ratios_fall_back_to_the_highest_concurrency_measured():
-    r = _serve_load().ratios([_row(1, 1, 10.0), _row(4, 1, 20.0)], [], None, None)
+    r = _report().ratios([_row(1, 1, 10.0), _row(4, 1, 20.0)], [], None, None)
     assert r["concurrency"] == 4
     assert r["by_images_per_request"]["1"] == {"http_img_s": 20.0}
 
@@ -239,7 +245,7 @@ def test_check_answer_reads_the_openai_shape_too():
 
 
 def test_speed_check_ratios_are_taken_within_each_run(tmp_path):
-    from benchmarks.serve_load import _ratio, idle_copies
+    from benchmarks.serve_load_checks import _ratio, idle_copies
     from embedserve.package import load_package
 
     rows = {"a": {"img_s_runs": [90.0, 100.0, 50.0]}, "b": {"img_s_runs": [100.0, 100.0, 100.0]}}

@@ -1,0 +1,33 @@
+"""`--sync-logs` of the quality table: each comparison run's live log copied over its committed
+copy when it extends it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+from benchmarks.common import ROOT
+
+
+def sync_logs(comparison: list[dict[str, Any]]) -> list[str]:
+    """Copy each live log (the recipe's OUT/metrics.jsonl, not committed) over its committed
+    copy when it is longer; whole lines only (the trainer may be writing one). A live log that
+    does not begin with the committed one (a different run) is refused."""
+    done = []
+    for entry in comparison:
+        recipe = tomllib.loads((ROOT / entry["recipe"]).read_text())
+        live, committed = ROOT / recipe["out"] / "metrics.jsonl", ROOT / entry["metrics"]
+        if not live.exists():
+            continue
+        text = live.read_text()
+        text = text[: text.rfind("\n") + 1]
+        old = committed.read_text() if committed.exists() else ""
+        if len(text) <= len(old):
+            continue
+        if not text.startswith(old):
+            raise ValueError(f"{live} does not continue {committed}: not copied")
+        committed.parent.mkdir(parents=True, exist_ok=True)
+        committed.write_text(text)
+        done.append(f"synced {entry['metrics']} from {recipe['out']}/metrics.jsonl")
+    return done
