@@ -22,7 +22,7 @@ $(VENV)/.train-installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[train,dev]"
 	touch $@ $(VENV)/.serve-installed
 
-# Settings: EMBEDSERVE_* environment variables (README, "Configuration"), e.g.
+# Settings: EMBEDSERVE_* environment variables (docs/serving.md, "Configuration"), e.g.
 #   EMBEDSERVE_DEVICE=cpu EMBEDSERVE_INDEX=indexes/imagenette make serve PORT=3000
 serve: $(VENV)/.serve-installed
 	$(VENV)/bin/bentoml serve embedserve.service:EmbedService --port $(PORT)

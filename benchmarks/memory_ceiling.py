@@ -6,7 +6,7 @@ Each request holds `max_images_per_request` images that each declare just under
   - bodies: `--body-concurrency` requests of JPEGs (Pillow's draft mode; 40 MB bodies), far more
     than `max_inflight_bytes` admits: the rest must get 503 at once.
 The worker's RSS is sampled every 50 ms; the report gives idle, peak and peak - idle, against
-the README's ceiling: idle + 4 x max_inflight_bytes + decode threads x 8 B x max_image_pixels.
+the ceiling of docs/serving.md: idle + 4 x max_inflight_bytes + decode threads x 8 B x max_image_pixels.
 
     python -m benchmarks.memory_ceiling   # -> benchmarks/results/memory_ceiling.json
 """

@@ -70,8 +70,8 @@ class ServeConfig:
     # Requests handled at once per worker (parsing, decoding, queued for the model); more get
     # an immediate 503 with Retry-After instead of holding memory while they wait.
     max_concurrent_requests: int = 256
-    # Bytes of request bodies a worker holds at once (what bounds its memory; see the README's
-    # memory ceiling). A body that would pass it gets an immediate 503 with Retry-After.
+    # Bytes of request bodies a worker holds at once (what bounds its memory; see docs/serving.md,
+    # "Memory ceiling"). A body that would pass it gets an immediate 503 with Retry-After.
     max_inflight_bytes: int = 256 * 1024 * 1024
     # A request whose response has not started this many seconds after it arrived gets a 504
     # (BentoML's traffic timeout): bounds a slow client that trickles its body in.
