@@ -173,6 +173,12 @@ def cpu_has_vnni() -> bool:
     return bool(cpu_flags() & VNNI_FLAGS)
 
 
+def int8_is_7bit(card: dict[str, Any]) -> bool:
+    """Whether the card's int8 file has 7-bit weights (reduce_range): no u8s8 kernel saturates
+    on it (2 x 255 x 64 < 32767), so it keeps its parity on CPUs without VNNI too."""
+    return "7-bit" in str(card["variants"].get("int8", {}).get("conversion", {}).get("weights"))
+
+
 INT8_WITHOUT_VNNI = (
     "int8 on a CPU without VNNI: ONNX Runtime's u8s8 kernels saturate here, and embeddings can "
     "differ from fp32 by more than the card's parity (min cosine 0.817 on Imagenette val on an "
@@ -232,8 +238,8 @@ class ModelPackage:
         return path
 
     def choose_variant(self, device: str) -> str:
-        """The variant to run on `device` ("cuda" or "cpu"): fp16 on CUDA, int8 on a CPU with
-        VNNI (see cpu_has_vnni), when the package has them; fp32 otherwise."""
+        """The variant to run on `device` ("cuda" or "cpu"): fp16 on CUDA, int8 on a CPU when
+        it has 7-bit weights or the CPU has VNNI (int8_is_7bit, cpu_has_vnni); fp32 otherwise."""
         preferred = VARIANT_FOR_DEVICE.get(device)
         if preferred is None:
             raise ValueError(
@@ -241,7 +247,7 @@ class ModelPackage:
             )
         if preferred not in self.card["variants"]:
             return FP32
-        if preferred == "int8" and not cpu_has_vnni():
+        if preferred == "int8" and not (cpu_has_vnni() or int8_is_7bit(self.card)):
             return FP32
         return preferred
 
@@ -393,7 +399,7 @@ class Encoder:
         if self.session is None:
             self.variant = package.choose_variant("cpu") if variant == "auto" else variant
             self.session = self._open(options, ["CPUExecutionProvider"])
-            if self.variant == "int8" and not cpu_has_vnni():
+            if self.variant == "int8" and not (cpu_has_vnni() or int8_is_7bit(package.card)):
                 warnings.warn(INT8_WITHOUT_VNNI, RuntimeWarning, stacklevel=2)
         self.providers: list[str] = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"

@@ -42,12 +42,14 @@ from training.export_checks import (
     TOLERANCES,
     ExportRefused,
     check_file,
+    check_session,
+    int8_kernels,
     verify_with_embedserve,
 )
 from training.export_data import CheckImages, check_images, dataset_name, knn_section
 from training.models import load_encoder
 from training.onnx_graph import OPSET, export_onnx
-from training.parity import cpu_session, torch_embeddings
+from training.parity import torch_embeddings
 from training.publish import publish, staging_folder
 from training.variants import VARIANTS, make_variant
 
@@ -99,7 +101,7 @@ def export_package(
             conversions, knn_metrics, knn_diffs,
         )  # fmt: skip
         pkg.validate_card(card, f"the card of {name}")
-        (staging / pkg.CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        (staging / pkg.CARD_FILE).write_text(json.dumps(card, indent=1) + "\n")
         verify_with_embedserve(
             staging, images.parity[:BATCH_CHECK], reference[:BATCH_CHECK], threads
         )
@@ -163,11 +165,14 @@ def _write_files(
             conversions[variant] = make_variant(
                 variant, model_path, path, images.calibration, scratch
             )
-        sessions[variant] = cpu_session(path, threads)
+        kernels = int8_kernels() if variant == "int8" else None  # see int8_kernels
+        sessions[variant] = check_session(variant, path, threads, kernels)
         checks[variant] = check_file(
             path.name, sessions[variant], images.parity, reference, TOLERANCES[variant],
             images.source,
         )  # fmt: skip
+        if kernels:
+            checks[variant]["kernels"] = kernels
     return sessions, checks, conversions
 
 

@@ -430,3 +430,32 @@ def test_the_command_line_verifies_every_file_and_refuses_a_tampered_one(models,
     (models / "tiny" / "model.int8.onnx").write_bytes(b"tampered")
     assert pkg.main([str(models / "tiny")]) == 1
     assert "refused: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("conversion", "flags", "chosen"),
+    [
+        (None, {"avx2", "avx512_vnni"}, "int8"),  # a card from before the recipe was recorded
+        (None, {"avx2"}, "fp32"),
+        ({"weights": "int8 per channel"}, {"avx2"}, "fp32"),  # 8-bit: saturates without VNNI
+        ({"weights": "int8 per channel"}, {"avx2", "avx_vnni"}, "int8"),
+        ({"weights": "int8 per channel, 7-bit (reduce_range)"}, {"avx2"}, "int8"),
+        ({"weights": "int8 per channel, 7-bit (reduce_range)"}, set(), "int8"),
+        ({"weights": "int8 per channel, 7-bit (reduce_range)"}, {"avx512_vnni"}, "int8"),
+    ],
+)
+def test_auto_serves_7bit_int8_on_every_cpu_and_8bit_only_with_vnni(
+    models, monkeypatch, conversion, flags, chosen
+):
+    card = copy.deepcopy(load_package("tiny", models).card)
+    if conversion is not None:
+        card["variants"]["int8"]["conversion"] = conversion
+    (models / "tiny" / "card.json").write_text(json.dumps(card))
+    package = load_package("tiny", models)  # the card passes the schema
+    monkeypatch.setattr(pkg, "cpu_flags", lambda: flags)
+    assert package.choose_variant("cpu") == chosen
+    assert package.choose_variant("cuda") == "fp16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a 7-bit int8 file opens without the VNNI warning
+        if chosen == "int8":
+            assert Encoder(package, variant="int8", device="cpu").variant == "int8"

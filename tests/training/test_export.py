@@ -311,3 +311,94 @@ def test_the_runs_own_knn_names_the_precision_auto_resolved_to(tmp_path):
     assert (
         card_module.knn_from_run({"step": 5}, cfg, tmp_path / "checkpoint.pt", "imagenette") == []
     )
+
+
+def test_the_int8_check_runs_on_vnni_kernels_or_on_the_simulation(monkeypatch, tmp_path):
+    from training import export_checks
+
+    monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: True)
+    assert export_checks.int8_kernels() == "vnni"
+    monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: False)
+    assert export_checks.int8_kernels() == "simulated"
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        ),
+        ir_version=8,
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    disabled = export_checks.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    level = {}
+    real = export_checks.ort.InferenceSession
+
+    def spy(p, options, providers):
+        level[Path(p).name] = options.graph_optimization_level
+        return real(p, options, providers=providers)
+
+    monkeypatch.setattr(export_checks.ort, "InferenceSession", spy)
+    export_checks.check_session("int8", path, 1)  # no VNNI: simulated
+    assert level["m.onnx"] == disabled
+    export_checks.check_session("int8", path, 1, kernels="vnni")
+    assert level["m.onnx"] != disabled
+    export_checks.check_session("fp32", path, 1)
+    assert level["m.onnx"] != disabled
+
+
+def test_the_exported_card_says_which_kernels_checked_int8(exported):
+    from training.export_checks import int8_kernels
+
+    card = json.loads((exported / "card.json").read_text())
+    assert card["variants"]["int8"]["parity"]["kernels"] == int8_kernels()  # this CPU's
+    assert "kernels" not in card["variants"]["fp16"]["parity"]
+    weights = [
+        onnx.numpy_helper.to_array(t)
+        for t in onnx.load(str(exported / "model.int8.onnx")).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4
+    ]
+    # 7-bit weights (reduce_range): no pair of u8 x s8 products saturates an int16 lane
+    assert weights and max(int(np.abs(w.astype(int)).max()) for w in weights) <= 64
+    conversion = card["variants"]["int8"]["conversion"]
+    assert conversion["weights"] == "int8 per channel, 7-bit (reduce_range)"
+    assert conversion["bias_correction"]["convs"] == len(weights)  # all but the fp32 stem
+    assert len(conversion["fp32_nodes"]) == 1 and card["variants"]["int8"]["parity"]["kernels"]
+
+
+@pytest.mark.slow
+def test_add_int8_writes_a_checked_copy_and_leaves_the_package_alone(
+    trained, image_folder, tmp_path, monkeypatch, capsys
+):
+    from training import add_int8, variants
+
+    source = tmp_path / "models" / "plain"
+    export_package(trained, source, data=str(image_folder), variants=("fp16",), knn=False, **FAST)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    monkeypatch.setattr(pkg, "cpu_has_vnni", lambda: False)  # as on an AVX2-only exporter
+    argv = [str(source), "--data", str(image_folder), "--parity-images", "8"]
+    argv += ["--calibration-images", "16", "--threads", "1"]
+    assert add_int8.main(argv) == 2  # neither --out nor --in-place
+    assert "--in-place" in capsys.readouterr().err
+    copy = tmp_path / "copy"
+    assert add_int8.main([*argv, "--out", str(copy)]) == 0
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # untouched
+    package = pkg.load_package(copy)
+    assert package.variants == ["fp32", "fp16", "int8"]
+    package.verify_file("int8")  # the card's sha256
+    entry = package.card["variants"]["int8"]
+    assert entry["parity"]["kernels"] == "simulated"
+    assert entry["parity"]["reference"].startswith("model.onnx")
+    assert entry["parity"]["images"]["count"] == 8 and set(entry["knn_top1_diff"]) == {"20", "200"}
+    assert entry["conversion"]["weights"] == variants.WEIGHTS_7BIT
+    assert entry["conversion"]["added"]["command"] == " ".join(
+        ["python -m training.add_int8", *argv, "--out", str(copy)]
+    )
+    for name in ("model.onnx", "model.fp16.onnx"):
+        assert (copy / name).read_bytes() == before[name]
+    assert package.choose_variant("cpu") == "int8"  # 7-bit weights: auto serves it without VNNI
+    assert add_int8.main([*argv, "--out", str(copy)]) == 2  # exists
+    assert add_int8.main([*argv, "--in-place", "--no-knn"]) == 0
+    assert pkg.load_package(source).variants == ["fp32", "fp16", "int8"]
