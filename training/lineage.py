@@ -72,7 +72,7 @@ def rewrite_card(path: Path) -> tuple[int, int]:
     if lineage_epochs(new["training"]["init_from"]) != before_total:
         raise ValueError(f"{path}: the rewritten lineage counts other epochs")
     validate_card(new, str(path))
-    out = json.dumps(new, indent=2) + "\n"  # as training.export writes cards
+    out = json.dumps(new, indent=1) + "\n"  # as training.export writes cards
     path.write_text(out)
     return len(text.encode()), len(out.encode())
 

@@ -1,9 +1,9 @@
 """kNN top-1 of checkpoints' encoders, on the training split alone and on the held-out split.
 
-    python -m benchmarks.checkpoint_knn runs/A/checkpoint.pt runs/B/enc.pt [...] \
+    python -m benchmarks.experiments.checkpoint_knn runs/A/checkpoint.pt runs/B/enc.pt [...] \
         --data ../shared/datasets/imagenette-160 [--image-size 128] [--precision fp32]
 
-For choosing between encoders (training checkpoints, encoder-only copies, `training.average`
+For choosing between encoders (training checkpoints, encoder-only copies, `benchmarks.experiments.average`
 outputs) without looking at the split that is reported: `train_loo` is the leave-one-out
 weighted kNN over the training split (each training image queries all the others; 9,469
 queries on Imagenette, a standard error of about 0.45 point), `held` the usual monitor

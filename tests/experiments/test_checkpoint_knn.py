@@ -1,4 +1,4 @@
-"""benchmarks.checkpoint_knn: the leave-one-out kNN on the training split, and the script."""
+"""benchmarks.experiments.checkpoint_knn: the leave-one-out kNN on the training split, and the script."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 # after the skip: the script imports torch
-from benchmarks import checkpoint_knn  # noqa: E402
+from benchmarks.experiments import checkpoint_knn  # noqa: E402
 
 
 def test_leave_one_out_excludes_the_query_itself():
@@ -37,7 +37,7 @@ def test_leave_one_out_of_separated_clusters_is_perfect_and_chunking_changes_not
 
 @pytest.mark.slow
 def test_the_script_prints_one_line_per_checkpoint(image_folder, tmp_path, capsys):
-    from .training.test_trainer import init_checkpoint
+    from tests.training.test_trainer import init_checkpoint
 
     ckpt = str(init_checkpoint(image_folder, tmp_path / "run"))
     argv = [ckpt, ckpt, "--data", str(image_folder), "--image-size", "32", "--k", "5"]
@@ -54,7 +54,7 @@ def test_a_package_measures_as_its_checkpoint_and_at_other_input_sizes(
     from training.export import export_package
     from training.trainer import Trainer
 
-    from .training.test_trainer import small_config
+    from tests.training.test_trainer import small_config
 
     # after one step: the graph of an untrained network (BatchNorms at their identity
     # initialisation) keeps no constant bias on its convolutions, which the rebuild needs
