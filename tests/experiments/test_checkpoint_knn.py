@@ -51,10 +51,9 @@ def test_the_script_prints_one_line_per_checkpoint(image_folder, tmp_path, capsy
 def test_a_package_measures_as_its_checkpoint_and_at_other_input_sizes(
     image_folder, tmp_path, capsys
 ):
+    from tests.training.test_trainer import small_config
     from training.export import export_package
     from training.trainer import Trainer
-
-    from tests.training.test_trainer import small_config
 
     # after one step: the graph of an untrained network (BatchNorms at their identity
     # initialisation) keeps no constant bias on its convolutions, which the rebuild needs
