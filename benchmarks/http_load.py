@@ -133,7 +133,10 @@ def check_answer(payload: bytes, images: int) -> None:
     a /v1/embeddings answer `images` embeddings of one size, floats or base64)."""
     try:
         answer = json.loads(payload)
-        if "data" in answer:  # the OpenAI shape; base64 rows are compared by their length
+        if isinstance(answer, list):  # a BentoML API returning an array: one row per image
+            rows = answer
+            dim = len(rows[0]) if rows else 0
+        elif "data" in answer:  # the OpenAI shape; base64 rows are compared by their length
             rows = [d["embedding"] for d in answer["data"]]
             dim = len(rows[0]) if rows else 0
         else:

@@ -192,14 +192,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="only the default model with 1 model loaded against N loaded (N >= 2)",
     )
+    check.add_argument(
+        "--vs-bentoml-docs",
+        action="store_true",
+        help="only the served default against the service written from BentoML's docs "
+        "(benchmarks.bentoml_docs_service; concurrency 16, 1 and 8 img/req)",
+    )
     args = p.parse_args(argv)
-    if args.json_vs_multipart or args.models_loaded:
+    if args.json_vs_multipart or args.models_loaded or args.vs_bentoml_docs:
         if args.models_loaded is not None and args.models_loaded < 2:
             p.error("--models-loaded needs N >= 2")
         if args.concurrency is None:
             args.concurrency = [RATIO_CONCURRENCY]
         if "--images-per-request" not in (argv if argv is not None else sys.argv):
-            args.images_per_request = [8]
+            args.images_per_request = [1, 8] if args.vs_bentoml_docs else [8]
         args.duration = args.duration or 5.0
         args.warmup = args.warmup or 1.0
         args.images = args.images or 128

@@ -1,6 +1,8 @@
 """The speed checks of benchmarks.serve_load, each run alone: --json-vs-multipart (JSON
-/v1/embeddings against multipart /embed on one server) and --models-loaded N (the default model
-with one model loaded against N), their points interleaved, medians of --repeats.
+/v1/embeddings against multipart /embed on one server), --models-loaded N (the default model
+with one model loaded against N) and --vs-bentoml-docs (the served default against the service
+written from BentoML's documentation, benchmarks.bentoml_docs_service), their points
+interleaved, medians of --repeats.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, ROOT
 from benchmarks.http_load import (
     BOUNDARY,
     LoadError,
+    ServerProcess,
     content_type,
     embeddings_json_body,
+    free_port,
     multipart_body,
     run_point,
     service_process,
@@ -28,6 +32,7 @@ from benchmarks.serve_load_sweep import get_info, groups, load_jpegs
 from embedserve.package import ModelPackage
 
 JSON_TARGET = 0.9  # /v1/embeddings img/s over multipart /embed img/s, at concurrency 16, 8 img/req
+DOCS_TARGET = 1.5  # the served default's img/s over the BentoML-docs service's, concurrency 16
 
 
 def _point(url: str, path: str, bodies: list[bytes], ctype: str, k: int, c: int, args) -> dict:
@@ -162,13 +167,73 @@ def models_loaded(args, jpegs: list[bytes], env: dict[str, str], log_dir: Path) 
     }
 
 
+def docs_command(port: int) -> list[str]:
+    """`bentoml serve` of the BentoML-docs baseline service, from this interpreter's environment."""
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    return [bentoml, "serve", "benchmarks.bentoml_docs_service:DocsEmbedder", "--port", str(port)]
+
+
+def vs_bentoml_docs(args, jpegs: list[bytes], env: dict[str, str], log_dir: Path) -> dict:
+    """(c) the served default (its `auto` variant) against the service a user writes from
+    BentoML's documentation over the same package's fp32 model.onnx with the same ONNX Runtime
+    threads, for each --images-per-request at --concurrency; both servers run at once (an idle
+    one costs nothing), their points interleaved."""
+    c = args.concurrency[-1]
+    package = open_package(env.get("EMBEDSERVE_MODEL"))
+    threads = env.get("EMBEDSERVE_THREADS", "2")
+    ours = {**env, "EMBEDSERVE_MODEL": str(package.path), "EMBEDSERVE_THREADS": threads}
+    docs_env = {"DOCS_MODEL": str(package.path), "DOCS_THREADS": threads}
+    port = free_port()
+    out: dict = {"check": "vs_bentoml_docs", "concurrency": c, "by_images_per_request": {}}
+    with (
+        service_process(log_dir / "service.log", ours, args.ready_timeout) as served,
+        ServerProcess(
+            docs_command(port),
+            port,
+            log_dir / "docs.log",
+            docs_env,
+            cwd=ROOT,
+            ready_timeout=args.ready_timeout,
+        ) as docs,
+    ):
+        info = get_info(served.url)
+        out["service_info"] = {
+            key: info.get(key) for key in ("model", "variant", "provider", "threads", "batching")
+        }
+        out["docs_service"] = {"model_file": str(package.path / "model.onnx"), "threads": threads}
+        out["docs_service"]["max_batch_size"] = 32
+        ctype = content_type(BOUNDARY)
+        for k in args.images_per_request:
+            bodies = [multipart_body(g) for g in groups(jpegs, k)]
+            series = {
+                "embedserve": (served.url, "/embed", bodies, ctype),
+                "bentoml_docs": (docs.url, "/embed", bodies, ctype),
+            }
+            rows = _interleaved(args, series, k, c, f"vs-bentoml-docs {k} img/req")
+            ratio = _ratio(rows, "embedserve", "bentoml_docs")
+            out["by_images_per_request"][str(k)] = {
+                "rows": rows,
+                "ratio_embedserve_over_docs": ratio,
+                "target": DOCS_TARGET,
+                "met": ratio["median"] >= DOCS_TARGET,
+            }
+    return out
+
+
+CHECKS = {
+    "json_vs_multipart": ("serve_load_json", json_vs_multipart),
+    "models_loaded": ("serve_load_models", models_loaded),
+    "vs_bentoml_docs": ("serve_load_bentoml_docs", vs_bentoml_docs),
+}
+
+
 def speed_check(args, argv, env: dict[str, str], log_dir: Path) -> int:
-    """Run --json-vs-multipart or --models-loaded and write its JSON."""
+    """Run --json-vs-multipart, --models-loaded or --vs-bentoml-docs and write its JSON."""
     jpegs, source = load_jpegs(args.images)
-    name = "serve_load_json" if args.json_vs_multipart else "serve_load_models"
+    chosen = next(name for name in CHECKS if getattr(args, name, None))
+    name, check = CHECKS[chosen]
     result = header(args, argv, env, source, [round(x, 2) for x in os.getloadavg()])
     try:
-        check = json_vs_multipart if args.json_vs_multipart else models_loaded
         result.update(check(args, jpegs, env, log_dir))
     except LoadError as e:
         print(f"FAILED: {e}", file=sys.stderr)
@@ -176,6 +241,9 @@ def speed_check(args, argv, env: dict[str, str], log_dir: Path) -> int:
     out = Path(f"{args.out or RESULTS / name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k.startswith(("ratio", "met"))}))
+    summary = {k: v for k, v in result.items() if k.startswith(("ratio", "met"))}
+    for k, row in result.get("by_images_per_request", {}).items():
+        summary[f"{k}_img_per_request"] = {n: v for n, v in row.items() if n != "rows"}
+    print(json.dumps(summary))
     print(f"wrote {out}")
     return 0

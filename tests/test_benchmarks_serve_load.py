@@ -107,9 +107,57 @@ def test_check_answer_counts_rows_and_their_size():
         {"model": "m", "dim": 2, "embeddings": [[0, 1]]},  # one row for two images
         {"model": "m", "dim": 3, "embeddings": [[0, 1], [1, 0]]},  # rows shorter than dim
         {"error": "nope"},
+        [[0, 1]],  # a BentoML array answer with one row for two images
+        [[0, 1], [1]],  # rows of different sizes
     ):
         with pytest.raises(RuntimeError):
             check_answer(json.dumps(bad).encode(), 2)
+    check_answer(json.dumps([[0, 1], [1, 0]]).encode(), 2)  # a BentoML API's array answer
+
+
+@pytest.mark.slow
+def test_the_bentoml_docs_service_embeds_as_the_package_does(tmp_path):
+    """The baseline (c) serves the same model: its rows match the package's fp32 embeddings of
+    the same photos (its own Pillow preprocessing, as the card describes), and the load
+    generator drives it."""
+    pytest.importorskip("aiohttp", reason="the load generator needs aiohttp")
+    from benchmarks.serve_load_baselines import open_package
+    from benchmarks.serve_load_checks import docs_command
+    from embedserve.package import Encoder, card_preprocess
+    from embedserve.preprocess import preprocess_batch
+
+    package = open_package(None)
+    port = free_port()
+    env = {"DOCS_MODEL": str(package.path), "DOCS_THREADS": "1"}
+    files = [_jpeg(0, 160), _jpeg(1, 200)]
+    with ServerProcess(
+        docs_command(port), port, tmp_path / "docs.log", env, cwd=ROOT, ready_timeout=120
+    ) as server:
+        request = urllib.request.Request(
+            server.url + "/embed",
+            data=multipart_body(files),
+            headers={"Content-Type": content_type()},
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            served = np.array(json.loads(r.read()), dtype=np.float32)
+        point = asyncio.run(
+            run_point(
+                server.url + "/embed",
+                [multipart_body([f]) for f in files],
+                content_type(),
+                images_per_request=1,
+                concurrency=2,
+                duration=1.0,
+                warmup=0.3,
+            )
+        )
+        assert point.errors == 0 and point.requests > 0
+    encoder = Encoder(package, variant="fp32", device="cpu", intra_op_threads=1)
+    expected = encoder.embed(preprocess_batch(files, card_preprocess(package.card)))
+    assert served.shape == expected.shape
+    # the same model; Pillow's resize in both (differences only from rounding)
+    cos = (served * expected).sum(axis=1) / np.linalg.norm(served, axis=1)
+    assert cos.min() > 0.99
 
 
 @pytest.mark.slow
