@@ -62,19 +62,7 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def synthetic(n: int, dim: int, seed: int, centres: np.ndarray, chunk: int = 100_000) -> np.ndarray:
-    """n L2-normalized float32 vectors scattered around `centres` (built in chunks: 10^6 x 512
-    in float64 would need 4 GB)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), np.float32)
-    noise = 1.0 / math.sqrt(dim)  # noise of norm ~1 around unit centres: cosine ~0.7
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        x = centres[rng.integers(0, len(centres), m)]
-        x += rng.standard_normal((m, dim), dtype=np.float32) * noise
-        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
+from benchmarks.synthetic import clustered_vectors as synthetic  # noqa: E402
 
 
 def rss_bytes() -> int:
