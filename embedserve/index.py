@@ -1,10 +1,16 @@
 """A FAISS similarity-search index with its metadata, persisted atomically.
 
     index = SearchIndex.create(package, factory="Flat")     # exact inner product
-    ids = index.add(embeddings, paths, labels)              # ids 0, 1, 2, ... in order of addition
-    index.save("indexes/photos")                            # atomic: old or new, never half
+    ids = index.add(embeddings, paths, labels, thumbnails)  # ids 0, 1, 2, ... never reused
+    index.delete(ids=[3], paths=["img/9.png"])              # tombstones: gone from every search
+    index.add(embeddings, paths, replace=True)              # the items stored under these paths
+                                                            # are replaced, atomically
+    index.save("indexes/photos")                            # compacts, then atomic: old or new
     index = SearchIndex.load("indexes/photos", package)     # refuses another model's index
-    hits = index.search(query_embeddings, k=10)             # [[{"id", "score", "path", "label"}]]
+    hits = index.search(query_embeddings, k=10, labels=["cat"], path_prefix="2024/",
+                        min_score=0.3)                      # [[{"id", "score", "path", "label"}]]
+    hits = index.search_by_id(7, k=10)                      # "more like this": 7 excluded
+    index.item(7), index.thumbnail(7), index.labels()       # a row, JPEG bytes, counts per label
 
 Embeddings are L2-normalized, so the metric is the inner product (= cosine similarity). The
 factory string is any FAISS index-factory string ("Flat", "IVF256,Flat", "HNSW32",
@@ -14,29 +20,29 @@ An index is a folder of immutable versions and a pointer to the live one (the fo
 embedserve.index_format). A save writes a new version in a temporary folder, fsyncs it, renames
 it into place, then replaces CURRENT atomically (os.replace) and removes the old version. A
 crash at any point leaves CURRENT naming a complete version: the old one until the replace, the
-new one after. Ids are the FAISS sequential ids; items are only ever appended, so an id never
-changes. Additions that must be durable at once go to a write-ahead log (embedserve.index_log),
-replayed by `load` and emptied by a save.
+new one after. Ids are explicit FAISS ids (embedserve.index_ids), given in order of addition
+and never reused; deletions are tombstones excluded from every search by a FAISS selector until
+a compaction (every save) removes the vectors, rows and thumbnails for good. Filters are
+selectors too, so a filtered search on a Flat index is the exact top-k among the matching
+items. Metadata (paths, labels, thumbnails, liveness): embedserve.index_meta. Changes that must
+be durable at once go to a write-ahead log (embedserve.index_log), replayed by `load` and
+emptied by a save.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import secrets
-import shutil
-import sqlite3
 import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from embedserve import index_ids
 from embedserve.index_format import (
     CURRENT_FILE,
     DEFAULT_FACTORY,
@@ -51,14 +57,18 @@ from embedserve.index_format import (
     METRIC,
     IndexBusyError,
     IndexMismatchError,
+    ItemNotFound,
     SearchIndexError,
     check_manifest,
     check_model,
-    fsync,
     new_manifest,
     now,
 )
-from embedserve.index_log import WriteAheadLog, read_log
+from embedserve.index_ids import build_faiss_index, set_search_parameters
+from embedserve.index_log import DELETE, WriteAheadLog, log_for_save, read_log
+from embedserve.index_meta import MetadataStore
+from embedserve.index_search import IndexReads
+from embedserve.index_versions import read_version, write_version
 from embedserve.package import ModelPackage
 from embedserve.rwlock import ReadWriteLock
 
@@ -75,8 +85,11 @@ __all__ = [
     "MANIFEST_FILE",
     "METADATA_FILE",
     "METRIC",
+    "AddResult",
+    "DeleteResult",
     "IndexBusyError",
     "IndexMismatchError",
+    "ItemNotFound",
     "SearchIndex",
     "SearchIndexError",
     "WriteAheadLog",
@@ -85,33 +98,36 @@ __all__ = [
     "set_search_parameters",
 ]
 
-_SQL_CHUNK = 900  # ids per SELECT ... IN (...), below SQLite's variable limit
-
 
 def _save_checkpoint(step: str) -> None:
     """Called between the steps of a save; tests replace it to kill a save half-way."""
 
 
-def build_faiss_index(dim: int, factory: str = DEFAULT_FACTORY) -> faiss.Index:
-    """An empty inner-product FAISS index from an index-factory string."""
-    try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise SearchIndexError(f"invalid FAISS factory string {factory!r}: {e}") from e
+@dataclass
+class AddResult:
+    """The ids given to the added items, and the ids of the items they replaced."""
+
+    ids: np.ndarray
+    replaced: list[int] = field(default_factory=list)
 
 
-def set_search_parameters(index: faiss.Index, **params: int) -> None:
-    """Set search-time parameters (nprobe for IVF, efSearch for HNSW) on any FAISS index."""
-    space = faiss.ParameterSpace()
-    for name, value in params.items():
-        space.set_index_parameter(index, name, value)
+@dataclass
+class DeleteResult:
+    """The ids deleted; the ids and paths asked for that named no live item."""
+
+    deleted: list[int] = field(default_factory=list)
+    missing_ids: list[int] = field(default_factory=list)
+    missing_paths: list[str] = field(default_factory=list)
 
 
-class SearchIndex:
-    """A FAISS index over one model's embeddings, with each vector's path and label.
+class SearchIndex(IndexReads):
+    """A FAISS index over one model's embeddings, with each vector's path, label and thumbnail.
 
     Build one with `create` + `add`, or `load` a saved one. `search` may run in several threads
-    at once; `add` and `save` wait for running searches and block new ones while they run.
+    at once; changes (add, delete, compact, save) run one at a time, wait for running searches
+    and block new ones while they change the index in memory (a search sees the index before
+    or after a change, never during one; a save's file writing and an HNSW rebuild do not
+    block searches).
     """
 
     def __init__(
@@ -123,17 +139,17 @@ class SearchIndex:
         self.index = faiss_index
         self.manifest = manifest
         self._lock = ReadWriteLock()
-        self._db_lock = threading.Lock()  # one sqlite connection, shared by the search threads
-        # Saved rows live in a read-only SQLite file; rows added since are in memory until saved.
-        self._db: sqlite3.Connection | None = None
-        self._saved_count = 0
-        self._pending: list[tuple[str | None, str | None]] = []
+        self._writer = threading.RLock()  # one change at a time: ids and log in one order
+        self._meta = MetadataStore()
         self._log: WriteAheadLog | None = None  # open_log: add_durable appends here
         self._log_folder: Path | None = None
-        self._append_lock = threading.Lock()  # one durable writer: ids in log order
         self.replayed = 0  # vectors added from the write-ahead log by load
+        self.replayed_deletions = 0  # items deleted by the write-ahead log's records
+        self.last_replaced: list[int] = []  # the ids the last add(replace=True) replaced
+        self._saved_rows = 0
         if metadata_db is not None:
-            self._open_db(metadata_db)
+            self._saved_rows = self._meta.open(metadata_db)
+        self._meta.reserve(manifest.get("next_id", manifest["count"]))
         try:
             set_search_parameters(self.index, **manifest.get("search_parameters", {}))
         except RuntimeError as e:
@@ -157,34 +173,23 @@ class SearchIndex:
         the manifest and set whenever the index is loaded, so every searcher gets the same answer.
         """
         manifest = new_manifest(package, factory, search_parameters)
-        return cls(build_faiss_index(package.embedding_dim, factory), manifest)
+        return cls(index_ids.build_id_index(package.embedding_dim, factory), manifest)
 
     @classmethod
     def load(cls, path: str | os.PathLike, package: ModelPackage | None = None) -> SearchIndex:
-        """Open a saved index; with `package`, refuse one built with another model."""
+        """Open a saved index; with `package`, refuse one built with another model. A version
+        written before deletes existed (format 1) is converted in memory; the next save
+        writes the current format."""
         path = Path(path)
-        for _ in range(5):  # a concurrent save may remove the version CURRENT named a moment ago
-            version = cls._current_version(path)
-            if not version.is_dir():
-                time.sleep(0.05)
-                continue
-            try:
-                manifest = json.loads((version / MANIFEST_FILE).read_text())
-                faiss_index = faiss.read_index(str(version / INDEX_FILE))
-            except (OSError, json.JSONDecodeError, RuntimeError) as e:
-                if not version.is_dir():
-                    continue
-                raise SearchIndexError(f"{version}: cannot read the index: {e}") from e
-            break
-        else:
-            raise SearchIndexError(
-                f"{path}: {CURRENT_FILE} names a version folder that does not exist"
-            )
+        version, manifest, faiss_index = read_version(path)
         check_manifest(manifest, version, faiss_index.d, faiss_index.ntotal)
+        if manifest["format_version"] == 1:
+            faiss_index = index_ids.convert_v1(faiss_index)
+            manifest = {**manifest, "format_version": FORMAT_VERSION, "next_id": manifest["count"]}
         index = cls(faiss_index, manifest, version / METADATA_FILE)
-        if index._saved_count != manifest["count"]:
+        if index._saved_rows != manifest["count"]:
             raise SearchIndexError(
-                f"{version / METADATA_FILE}: {index._saved_count} rows, the manifest says "
+                f"{version / METADATA_FILE}: {index._saved_rows} rows, the manifest says "
                 f"{manifest['count']}"
             )
         if package is not None:
@@ -193,44 +198,34 @@ class SearchIndex:
         return index
 
     def _replay(self, folder: Path) -> None:
-        """Add the log's records that the loaded version does not hold yet."""
+        """Apply the log's records that the loaded version does not hold yet: additions beyond
+        its next_id, and every deletion (deleting a deleted id changes nothing)."""
         records, _ = read_log(folder / LOG_FILE, self.dim)
-        for first, x, items in records:
-            have = self.ntotal
-            if first + len(x) <= have:
+        for record in records:
+            if record.kind == DELETE:
+                ids = [i for i in record.ids if self._meta.is_live(i)]
+                self._apply_delete(ids)
+                self.replayed_deletions += len(ids)
+                continue
+            n, have = len(record.x), self.next_id
+            if record.first + n <= have:
                 continue  # saved in the live version already (a crash before the log was emptied)
-            if first > have:
+            if record.first > have:
                 raise SearchIndexError(
-                    f"{folder / LOG_FILE}: a record starts at id {first}, but the index holds "
-                    f"only {have} items: additions are missing"
+                    f"{folder / LOG_FILE}: a record starts at id {record.first}, but the index "
+                    f"gives ids only up to {have - 1}: additions are missing"
                 )
-            skip = have - first
-            paths, labels = zip(*items[skip:], strict=True)
-            self.add(x[skip:], paths, labels)
-            self.replayed += len(x) - skip
-
-    @staticmethod
-    def _current_version(path: Path) -> Path:
-        pointer = path / CURRENT_FILE
-        if not pointer.is_file():
-            raise SearchIndexError(
-                f"{path}: no search index here ({CURRENT_FILE} is missing; build one with "
-                f"`embedserve index build`)"
-            )
-        name = pointer.read_text().strip()
-        if not name or "/" in name or name.startswith("."):
-            raise SearchIndexError(f"{pointer}: does not name a version folder ({name!r})")
-        return path / name
+            skip = have - record.first
+            paths, labels = zip(*record.items[skip:], strict=True)
+            thumbs = record.thumbnails[skip:] or [None] * (n - skip)
+            replaced = [i for i in record.replaced if self._meta.is_live(i)]
+            self._apply_add(record.x[skip:], list(paths), list(labels), thumbs, replaced)
+            self.replayed += n - skip
+            self.replayed_deletions += len(replaced)
 
     def check_model(self, package: ModelPackage, where: str = "index") -> None:
         """Raise IndexMismatchError unless the index was built with `package`'s model."""
         check_model(self.manifest, package, where)
-
-    def _open_db(self, db_path: Path) -> None:
-        if self._db is not None:
-            self._db.close()
-        self._db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, check_same_thread=False)
-        self._saved_count = self._db.execute("SELECT count(*) FROM items").fetchone()[0]
 
     # -- properties -------------------------------------------------------------------------
 
@@ -240,7 +235,13 @@ class SearchIndex:
 
     @property
     def ntotal(self) -> int:
-        return self.index.ntotal
+        """The number of live items (deleted ones not counted, even before a compaction)."""
+        return self._meta.count
+
+    @property
+    def next_id(self) -> int:
+        """The id the next item added gets; ids are never reused."""
+        return self._meta.next_id
 
     def __len__(self) -> int:
         return self.ntotal
@@ -249,46 +250,127 @@ class SearchIndex:
         m = self.manifest
         return f"SearchIndex({m['factory']!r}, {self.ntotal} x {self.dim}, model {m['model']['name']!r})"
 
-    # -- adding and searching ---------------------------------------------------------------
+    # -- adding and deleting ----------------------------------------------------------------
 
-    def _check_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
-        x = np.asarray(embeddings)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"embeddings must be [N, {self.dim}], got {list(x.shape)}")
-        if not np.isfinite(x).all():
-            raise ValueError("embeddings must be finite")
-        return np.ascontiguousarray(x, dtype=np.float32)  # a copy only when needed; never mutated
+    def _prepare(self, embeddings, paths, labels, thumbnails):
+        x = self._check_embeddings(embeddings)
+        n = len(x)
+        paths = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
+        labels = [None] * n if labels is None else [None if v is None else str(v) for v in labels]
+        thumbs = (
+            [None] * n
+            if thumbnails is None
+            else [None if t is None else bytes(t) for t in thumbnails]
+        )
+        if not len(paths) == len(labels) == len(thumbs) == n:
+            raise ValueError(
+                f"{n} embeddings but {len(paths)} paths, {len(labels)} labels and "
+                f"{len(thumbs)} thumbnails"
+            )
+        return x, paths, labels, thumbs
+
+    def _replaced_by(self, paths: Sequence[str | None]) -> list[int]:
+        found = self._meta.live_ids_by_path({p for p in paths if p is not None})
+        return sorted({i for ids in found.values() for i in ids})
 
     def add(
         self,
         embeddings: np.ndarray,
         paths: Sequence[str | os.PathLike | None] | None = None,
         labels: Sequence[str | None] | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
+        replace: bool = False,
     ) -> np.ndarray:
-        """Append vectors [N, D] with their paths and labels; returns their ids (int64 [N]).
+        """Append vectors [N, D] with their paths, labels and thumbnails (JPEG bytes or None);
+        returns their ids (int64 [N]). With `replace`, the live items stored under any of these
+        paths are deleted at the same moment (their ids: `last_replaced`).
 
         An index that needs training (IVF, PQ) is trained on the first vectors it is given.
         """
-        x = self._check_embeddings(embeddings)
-        n = len(x)
-        paths = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
-        labels = [None] * n if labels is None else [None if v is None else str(v) for v in labels]
-        if len(paths) != n or len(labels) != n:
-            raise ValueError(f"{n} embeddings but {len(paths)} paths and {len(labels)} labels")
+        x, paths, labels, thumbs = self._prepare(embeddings, paths, labels, thumbnails)
+        with self._writer:
+            replaced = self._replaced_by(paths) if replace else []
+            ids = self._apply_add(x, paths, labels, thumbs, replaced)
+            self.last_replaced = replaced
+        return ids
+
+    def _apply_add(self, x, paths, labels, thumbs, replaced: list[int]) -> np.ndarray:
+        first = self.next_id
+        ids = np.arange(first, first + len(x), dtype=np.int64)
         with self._lock.write():
-            if not self.index.is_trained:
-                try:
-                    self.index.train(x)
-                except RuntimeError as e:
-                    raise SearchIndexError(
-                        f"cannot train a {self.manifest['factory']!r} index on {n} vectors: {e}"
-                    ) from e
-            first = self.index.ntotal
-            self.index.add(x)
-            self._pending += zip(paths, labels, strict=True)
-            self.manifest["count"] = self.index.ntotal
-            self.manifest["updated"] = now()
-        return np.arange(first, first + n, dtype=np.int64)
+            if len(x):
+                index_ids.add_with_ids(self.index, x, ids, self.manifest["factory"])
+                self._meta.add(ids, paths, labels, thumbs)
+            self._meta.delete(replaced)
+            self._touch()
+        return ids
+
+    def _touch(self) -> None:
+        self.manifest["count"] = self._meta.count
+        self.manifest["next_id"] = self._meta.next_id
+        self.manifest["updated"] = now()
+
+    def delete(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> DeleteResult:
+        """Delete items by id and by path (a path: every live item stored with it). They are
+        never returned again from this call on; compact/save removes them for good."""
+        with self._writer:
+            result = self._resolve_delete(ids, paths)
+            self._apply_delete(result.deleted)
+        return result
+
+    def _resolve_delete(self, ids: Sequence[int], paths: Sequence[str]) -> DeleteResult:
+        ids = [ids] if isinstance(ids, int) else ids
+        paths = [paths] if isinstance(paths, str) else [str(p) for p in paths]
+        result = DeleteResult()
+        chosen: dict[int, None] = {}  # ordered, unique
+        for i in ids:
+            if isinstance(i, bool) or int(i) != i:
+                raise ValueError(f"ids are integers, not {i!r}")
+            if self._meta.is_live(int(i)):
+                chosen.setdefault(int(i))
+            else:
+                result.missing_ids.append(int(i))
+        found = self._meta.live_ids_by_path(paths)
+        for path in paths:
+            if not found[path]:
+                result.missing_paths.append(path)
+            for i in found[path]:
+                chosen.setdefault(i)
+        result.deleted = list(chosen)
+        return result
+
+    def _apply_delete(self, ids: list[int]) -> None:
+        if ids:
+            with self._lock.write():
+                self._meta.delete(ids)
+                self._touch()
+
+    def compact(self) -> int:
+        """Remove the vectors and pending rows and thumbnails of deleted items for good (the
+        saved rows go at the next save, which compacts anyway); returns how many."""
+        with self._writer:
+            return self._compact()
+
+    def _compact(self) -> int:
+        """(Holding self._writer.) Searches go on while an index is rebuilt (HNSW: from the
+        old one, which nothing changes meanwhile); they wait only for the swap or the in-place
+        removal, and never see a deleted item: its tombstone stays until its vector is gone."""
+        ids = np.asarray(sorted(self._meta.tombstones), np.int64)
+        if not len(ids):
+            return 0
+        factory = self.manifest["factory"]
+        if index_ids.needs_rebuild(self.index):
+            fresh = index_ids.rebuild(self.index, ids, factory)
+            with self._lock.write():
+                self.index = fresh
+                self._meta.compacted(ids.tolist())
+        else:
+            with self._lock.write():
+                self.index = index_ids.remove(self.index, ids, factory)
+                self._meta.compacted(ids.tolist())
+        return len(ids)
+
+    # -- the write-ahead log ----------------------------------------------------------------
 
     def open_log(self, folder: str | os.PathLike) -> None:
         """Become the one process that appends to `folder`'s write-ahead log (add_durable)."""
@@ -307,182 +389,93 @@ class SearchIndex:
         """Bytes in the open write-ahead log (0 without one)."""
         return 0 if self._log is None else self._log.size
 
+    def _need_log(self) -> WriteAheadLog:
+        if self._log is None:
+            raise SearchIndexError("no write-ahead log is open (open_log first)")
+        return self._log
+
     def add_durable(
         self,
         embeddings: np.ndarray,
         paths: Sequence[str | None] | None = None,
         labels: Sequence[str | None] | None = None,
-    ) -> np.ndarray:
-        """`add`, durably: the vectors are in the fsynced write-ahead log when this returns
-        their ids, and searchable at once. Searches run meanwhile see the index before or after
-        the addition, never half of it."""
-        if self._log is None:
-            raise SearchIndexError("no write-ahead log is open (open_log first)")
-        x = self._check_embeddings(embeddings)
-        n = len(x)
-        paths = [None] * n if paths is None else list(paths)
-        labels = [None] * n if labels is None else list(labels)
-        if len(paths) != n or len(labels) != n:
-            raise ValueError(f"{n} embeddings but {len(paths)} paths and {len(labels)} labels")
+        thumbnails: Sequence[bytes | None] | None = None,
+        replace: bool = False,
+    ) -> AddResult:
+        """`add`, durably: the items (and the replacement) are in the fsynced write-ahead log
+        when this returns, and searchable at once. Searches run meanwhile see the index before
+        or after the change (the old items or the new), never half of it."""
+        log = self._need_log()
+        x, paths, labels, thumbs = self._prepare(embeddings, paths, labels, thumbnails)
         if not self.index.is_trained:
             raise SearchIndexError("the index is not trained yet: build it with images first")
-        with self._append_lock:
-            first = self.ntotal
-            self._log.append(first, x, list(zip(paths, labels, strict=True)))
-            self.add(x, paths, labels)
-        return np.arange(first, first + n, dtype=np.int64)
+        with self._writer:
+            replaced = self._replaced_by(paths) if replace else []
+            items = list(zip(paths, labels, strict=True))
+            size = log.size
+            log.append(self.next_id, x, items, thumbs, replaced)
+            try:
+                ids = self._apply_add(x, paths, labels, thumbs, replaced)
+            except BaseException:
+                log.truncate(size)  # not added: the record must not be replayed either
+                raise
+        return AddResult(ids, replaced)
 
-    def search(self, embeddings: np.ndarray, k: int = 10) -> list[list[dict[str, Any]]]:
-        """The k nearest items of each query [N, D], best first: {"id", "score", "path", "label"}.
-
-        Fewer than k hits come back when the index holds fewer (no placeholder ids).
-        """
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        x = self._check_embeddings(embeddings)
-        with self._lock.read():
-            if len(x) == 0 or self.ntotal == 0:
-                return [[] for _ in range(len(x))]
-            scores, ids = self.index.search(x, min(k, self.ntotal))  # NxK each
-            rows = self._rows(np.unique(ids[ids >= 0]))
-        return [
-            [
-                {"id": int(i), "score": float(s), "path": rows[i][0], "label": rows[i][1]}
-                for s, i in zip(score_row, id_row, strict=True)
-                if i >= 0
-            ]
-            for score_row, id_row in zip(scores, ids, strict=True)
-        ]
-
-    def search_ids(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw FAISS answer: scores float32 [N, k] and ids int64 [N, k] (-1 where none)."""
-        x = self._check_embeddings(embeddings)
-        with self._lock.read():
-            return self.index.search(x, k)
-
-    def metadata(self, ids: Sequence[int]) -> list[tuple[str | None, str | None]]:
-        """(path, label) of each id."""
-        ids = np.asarray(ids, np.int64)
-        with self._lock.read():
-            rows = self._rows(np.unique(ids))
-        return [rows[int(i)] for i in ids]
-
-    def _rows(self, ids: np.ndarray) -> dict[int, tuple[str | None, str | None]]:
-        """(path, label) by id, fetching only these ids from the saved rows."""
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.ntotal):
-            raise KeyError(f"ids outside 0..{self.ntotal - 1}")
-        rows: dict[int, tuple[str | None, str | None]] = {}
-        saved = [int(i) for i in ids if i < self._saved_count]
-        for i in ids[ids >= self._saved_count]:
-            rows[int(i)] = self._pending[int(i) - self._saved_count]
-        if saved:
-            with self._db_lock:
-                for start in range(0, len(saved), _SQL_CHUNK):
-                    chunk = saved[start : start + _SQL_CHUNK]
-                    query = f"SELECT id, path, label FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-                    for i, path, label in self._db.execute(query, chunk):
-                        rows[i] = (path, label)
-        return rows
+    def delete_durable(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> DeleteResult:
+        """`delete`, durably: the deletion is in the fsynced write-ahead log when this returns."""
+        log = self._need_log()
+        with self._writer:
+            result = self._resolve_delete(ids, paths)
+            if result.deleted:
+                log.append_delete(result.deleted)
+            self._apply_delete(result.deleted)
+        return result
 
     # -- saving -----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to the folder `path` atomically; returns the new version's folder.
 
-        Readers see the old version until the new one is complete; a crash at any point leaves
-        one of them live. One writer at a time per folder (an flock on INDEX_DIR/.lock).
+        Deleted items are compacted away first (their vectors, rows and thumbnails). Searches in
+        this process go on meanwhile. Readers of the folder see the old version until the new
+        one is complete; a crash at any point leaves one of them live. One writer at a time per
+        folder (an flock on INDEX_DIR/.lock).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        with self._append_lock, self._log_for_save(path) as log:
+        open_log = self._log if self._log_folder == path else None
+        with self._writer, log_for_save(path, self.dim, open_log) as log:
             return self._save(path, log)
 
-    @contextmanager
-    def _log_for_save(self, path: Path) -> Iterator[WriteAheadLog | None]:
-        """The log that this save empties: the open one, or the folder's, held while we save
-        (a save must not empty a log that a server is still appending to)."""
-        if self._log is not None and self._log_folder == path:
-            yield self._log
-        elif (path / LOG_FILE).exists():
-            log = WriteAheadLog(path, self.dim)  # IndexBusyError if a server is writing
-            try:
-                yield log
-            finally:
-                log.close()
-        else:
-            yield None
-
     def _save(self, path: Path, log: WriteAheadLog | None) -> Path:
-        with self._lock.write(), open(path / LOCK_FILE, "a") as lock_file:
+        # Holding self._writer: nothing changes the index meanwhile, so searches go on while
+        # the files are written; they wait only while the new version's metadata is swapped in.
+        with open(path / LOCK_FILE, "a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
-            live = self._live_version_name(path)
-            sequence = int(live[1:7]) + 1 if live and live[1:7].isdigit() else 1
-            tmp = path / f".tmp-{secrets.token_hex(4)}"
-            tmp.mkdir()
-            _save_checkpoint("temp-dir-created")
-            faiss.write_index(self.index, str(tmp / INDEX_FILE))
-            _save_checkpoint("index-written")
-            self._write_metadata(tmp / METADATA_FILE)
-            _save_checkpoint("metadata-written")
-            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2) + "\n")
-            _save_checkpoint("manifest-written")
-            for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE):
-                fsync(tmp / name)
-            fsync(tmp)
-            _save_checkpoint("files-synced")
-            version = path / f"v{sequence:06d}-{secrets.token_hex(4)}"
-            os.rename(tmp, version)
-            fsync(path)
-            _save_checkpoint("version-renamed")
-            pointer_tmp = path / f".{CURRENT_FILE}.tmp"
-            with open(pointer_tmp, "w") as f:
-                f.write(version.name + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            _save_checkpoint("pointer-written")
-            os.replace(pointer_tmp, path / CURRENT_FILE)  # the commit point
-            fsync(path)
-            _save_checkpoint("pointer-replaced")
-            self._open_db(version / METADATA_FILE)
-            self._pending = []
-            if log is not None:
-                # Everything in the log is in the new version now (this process replayed it or
-                # added it). A crash before this line leaves records the next load skips.
-                log.empty()
-                _save_checkpoint("log-emptied")
-            for entry in path.iterdir():  # the old version and any leftovers of crashed saves
-                if entry.name not in (
-                    version.name,
-                    CURRENT_FILE,
-                    LOCK_FILE,
-                    LOG_FILE,
-                    LOG_LOCK_FILE,
-                ):
-                    if entry.is_dir():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
-            _save_checkpoint("cleaned")
-        return version
+            self._compact()  # a version never holds a deleted item
+            self.manifest["format_version"] = FORMAT_VERSION
+            self._touch()
+            if self.index.ntotal != self._meta.count:
+                raise SearchIndexError(
+                    f"the FAISS index holds {self.index.ntotal} vectors, {self._meta.count} items "
+                    "are live: not saved"
+                )
 
-    @staticmethod
-    def _live_version_name(path: Path) -> str | None:
-        pointer = path / CURRENT_FILE
-        return pointer.read_text().strip() if pointer.is_file() else None
+            def committed(version: Path) -> None:
+                with self._lock.write():
+                    self._meta.saved(version / METADATA_FILE)
+                if log is not None:
+                    # Everything in the log is in the new version now (this process replayed it
+                    # or added it). A crash before this line leaves records the next load skips
+                    # (additions) or repeats harmlessly (deletions).
+                    log.empty()
+                    _save_checkpoint("log-emptied")
 
-    def _write_metadata(self, db_path: Path) -> None:
-        """The saved rows (copied page by page) plus the pending ones, into a new SQLite file."""
-        db = sqlite3.connect(db_path)
-        try:
-            if self._db is not None:
-                with self._db_lock:
-                    self._db.backup(db)
-            else:
-                db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, path TEXT, label TEXT)")
-            db.executemany(
-                "INSERT INTO items (id, path, label) VALUES (?, ?, ?)",
-                ((self._saved_count + i, p, label) for i, (p, label) in enumerate(self._pending)),
+            return write_version(
+                path,
+                self.index,
+                self.manifest,
+                self._meta.write,
+                committed,
+                lambda step: _save_checkpoint(step),  # looked up at each call: tests replace it
             )
-            db.commit()
-        finally:
-            db.close()

@@ -5,16 +5,24 @@ On disk, an index is a folder:
     INDEX_DIR/
       CURRENT              one line: the name of the live version folder
       v000002-5f3a9c1e/    a complete version, never modified after it was written
-        manifest.json      model name + sha256, dim, metric, factory, count, times
-        index.faiss        faiss.write_index
-        metadata.sqlite    items(id INTEGER PRIMARY KEY, path TEXT, label TEXT)
+        manifest.json      model name + sha256, dim, metric, factory, count, next_id, times
+        index.faiss        faiss.write_index: "IDMap2,<factory>", or an IVF index holding the
+                           ids itself (with a hash-table direct map)
+        metadata.sqlite    items(id INTEGER PRIMARY KEY, path TEXT, label TEXT), an index on
+                           path, thumbnails(id INTEGER PRIMARY KEY, jpeg BLOB)
       .lock                held (flock) by a writer while it saves
-      wal.log              additions since the live version (a server's POST /index/add)
+      wal.log              additions and deletions since the live version (a server's writes)
       .wal.lock            held (flock) by the one process that appends to wal.log
 
 A save writes a new version in a temporary folder, fsyncs it, renames it into place, then
 replaces CURRENT atomically (os.replace) and removes the old version (embedserve.index). The
 write-ahead log's record format is in embedserve.index_log.
+
+A version holds only live items: a save compacts first. `count` is the number of items (= the
+FAISS index's ntotal = the rows), `next_id` the id the next addition gets; ids are never
+reused, so ids below next_id that no row holds were deleted. Format version 1 (before deletes:
+sequential FAISS ids, next_id = count, no thumbnails) still loads and is converted in memory
+(embedserve.index_ids.convert_v1); the next save writes version 2.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from embedserve import __version__
 from embedserve.package import ModelPackage
 
 FORMAT = "embedserve-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = ".lock"
 MANIFEST_FILE = "manifest.json"
@@ -50,6 +59,13 @@ class IndexMismatchError(SearchIndexError):
 
 class IndexBusyError(SearchIndexError):
     """Another process already appends to this index's write-ahead log."""
+
+
+class ItemNotFound(SearchIndexError, KeyError):
+    """No live item has this id (never added, or deleted). Also a KeyError."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def fsync(path: Path) -> None:
@@ -79,6 +95,7 @@ def new_manifest(
         "factory": factory,
         "search_parameters": dict(search_parameters or {}),
         "count": 0,
+        "next_id": 0,
         "created": now(),
         "updated": now(),
         "embedserve_version": __version__,
@@ -88,9 +105,10 @@ def new_manifest(
 def check_manifest(manifest: dict[str, Any], version: Path, dim: int, count: int) -> None:
     """Raise SearchIndexError unless `manifest` (of the version folder `version`) is of this
     format and version, and describes a FAISS index of `count` vectors of dimension `dim`."""
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise SearchIndexError(
-            f"{version / MANIFEST_FILE}: not an {FORMAT} v{FORMAT_VERSION} manifest"
+            f"{version / MANIFEST_FILE}: not an {FORMAT} manifest of a version this program "
+            f"reads ({', '.join(f'v{v}' for v in READABLE_VERSIONS)})"
         )
     if dim != manifest["dim"] or count != manifest["count"]:
         raise SearchIndexError(

@@ -37,7 +37,7 @@ def writer(path: Path) -> SearchIndex:
 
 def test_durable_additions_are_there_after_a_reload_without_a_save(saved):
     index = writer(saved)
-    ids = index.add_durable(unit_rows(3, 1), ["a", "b", None], ["x", None, "z"])
+    ids = index.add_durable(unit_rows(3, 1), ["a", "b", None], ["x", None, "z"]).ids
     assert ids.tolist() == [10, 11, 12]
     assert index.search(unit_rows(3, 1)[[1]], 1)[0][0]["id"] == 11  # searchable at once
     index.close_log()
@@ -66,7 +66,7 @@ def test_a_save_empties_the_log_and_a_crash_before_that_duplicates_nothing(saved
     again.open_log(saved)
     again.save(saved)
     assert (saved / ix.LOG_FILE).stat().st_size == 0
-    assert again.add_durable(unit_rows(1, 2)).tolist() == [12]
+    assert again.add_durable(unit_rows(1, 2)).ids.tolist() == [12]
 
 
 @pytest.mark.parametrize("cut", [1, 7, 12, 40, 100])
@@ -79,7 +79,7 @@ def test_a_torn_last_record_is_dropped_and_the_next_one_takes_its_id(saved, cut)
     os.truncate(log, log.stat().st_size - cut)  # the second record lost its last `cut` bytes
     index = writer(saved)
     assert len(index) == 11 and index.metadata([10]) == [("kept", None)]
-    assert index.add_durable(unit_rows(1, 3), ["next"]).tolist() == [11]
+    assert index.add_durable(unit_rows(1, 3), ["next"]).ids.tolist() == [11]
     index.close_log()
     assert SearchIndex.load(saved).metadata([10, 11]) == [("kept", None), ("next", None)]
 
@@ -148,7 +148,7 @@ WRITER = textwrap.dedent(
     for n in range(start, start + 10_000):
         x = np.zeros((1, 8), np.float32)
         x[0, n % 8] = 1.0
-        ids = index.add_durable(x, [f"item-{n}"])
+        ids = index.add_durable(x, [f"item-{n}"]).ids
         print("ack", n, int(ids[0]), flush=True)  # acknowledged: durable from here
         if n % 7 == 6:
             index.save(path)  # compaction: a new version, then the log is emptied
@@ -213,3 +213,22 @@ def test_a_writer_killed_at_random_moments_loses_no_acknowledged_addition(saved)
     one = np.zeros((1, DIM), np.float32)
     one[0, 3] = 1.0
     assert index.search(one, 1)[0][0]["score"] == pytest.approx(1.0)
+
+
+def test_an_addition_that_fails_in_memory_leaves_no_record(saved, monkeypatch):
+    index = writer(saved)
+    index.add_durable(unit_rows(1, 1), ["kept"])
+    size = index.log_size
+
+    def broken(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ix.index_ids, "add_with_ids", broken)
+    with pytest.raises(MemoryError):
+        index.add_durable(unit_rows(1, 2), ["failed"])
+    assert index.log_size == size
+    monkeypatch.undo()
+    assert index.add_durable(unit_rows(1, 3), ["next"]).ids.tolist() == [11]
+    index.close_log()
+    again = SearchIndex.load(saved)
+    assert again.metadata([10, 11]) == [("kept", None), ("next", None)] and len(again) == 12
