@@ -1,10 +1,13 @@
 """The `embedserve` command line: build and search FAISS indexes, evaluate an encoder.
 
-    embedserve index build --images photos/ --out indexes/photos [--factory HNSW32]
-    embedserve index add   --index indexes/photos --images more-photos/
-    embedserve index info  --index indexes/photos
-    embedserve search      --index indexes/photos query.jpg [-k 10] [--json]
-    embedserve eval        --gallery train/ --queries val/ [--out DIR] [--cache DIR]
+    embedserve index build  --images photos/ --out indexes/photos [--factory HNSW32]
+    embedserve index add    --index indexes/photos --images more-photos/ [--replace]
+    embedserve index delete --index indexes/photos [--id 12 ...] [--path photos/a.jpg ...]
+    embedserve index info   --index indexes/photos
+    embedserve search       --index indexes/photos query.jpg [-k 10] [--json]
+                            [--label cats ...] [--path-prefix photos/] [--min-score 0.5]
+    embedserve search       --index indexes/photos --id 12   (more like item 12)
+    embedserve eval         --gallery train/ --queries val/ [--out DIR] [--cache DIR]
 
 Exit codes: 0 success, 2 a usage or input error (the message names the file), 1 anything else.
 """
@@ -13,96 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import warnings
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from embedserve.imagefolder import ImageFolderError, embed_files, scan_images
+from embedserve.cli_common import (
+    USAGE_ERROR,
+    UsageError,
+    add_engine_options,
+    add_thumbnail_options,
+    configure_threads,
+    embed_folder,
+    make_encoder,
+)
+from embedserve.cli_eval import cmd_eval
+from embedserve.imagefolder import ImageFolderError
 from embedserve.index import DEFAULT_FACTORY, SearchIndex, SearchIndexError
-from embedserve.package import Encoder, PackageError, load_package
+from embedserve.package import PackageError
 from embedserve.preprocess import ImageDecodeError
-
-USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    """A bad argument or input; reported in one line with exit code 2."""
-
-
-# -- shared options ---------------------------------------------------------------------------
-
-
-def _add_engine_options(p: argparse.ArgumentParser, model_help: str) -> None:
-    p.add_argument("--model", default=None, help=model_help)
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the encoder runs (default: auto: CUDA where a GPU is present and CUDA really "
-        "starts, else the CPU, without trying CUDA where no GPU is present)",
-    )
-    p.add_argument(
-        "--variant",
-        default="auto",
-        help="model variant: auto (int8 on a VNNI CPU, fp16 on CUDA), fp32, fp16 or int8",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="threads for decoding, ONNX Runtime and FAISS (default: all cores)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _configure_threads(threads: int | None) -> int:
-    import os
-
-    import faiss
-
-    threads = threads or os.cpu_count() or 1
-    if threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
-    faiss.omp_set_num_threads(threads)
-    return threads
-
-
-def _encoder(args: argparse.Namespace, model: str | None) -> Encoder:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    package = load_package(model)
-    return Encoder(package, variant=args.variant, device=args.device, intra_op_threads=args.threads)
-
-
-def _progress(args: argparse.Namespace) -> bool:
-    return not args.quiet
-
-
-def _embed_folder(args: argparse.Namespace, encoder: Encoder, folder: str):
-    """Scan and embed a folder; returns (images, embeddings, kept positions, failures)."""
-    images = scan_images(folder)
-    result = embed_files(
-        encoder,
-        images.paths,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        progress=_progress(args),
-    )
-    rate = f"{result.images_per_second:.1f} img/s"
-    print(
-        f"embedded {len(result.ok)} of {len(images.paths)} images from {folder} in "
-        f"{result.seconds:.1f} s ({rate}); {len(result.failed)} skipped",
-        file=sys.stderr,
-    )
-    return images, result
-
 
 # -- index ------------------------------------------------------------------------------------
 
@@ -123,9 +56,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             f"{out} already holds an index: pass --overwrite to replace it, or use "
             f"`embedserve index add` to add images to it"
         )
-    encoder = _encoder(args, args.model)
+    encoder = make_encoder(args, args.model)
     index = SearchIndex.create(encoder.package, args.factory, _search_parameters(args))
-    images, result = _embed_folder(args, encoder, args.images)
+    images, result = embed_folder(args, encoder, args.images)
     if len(result.ok) == 0:
         raise UsageError(f"{args.images}: none of the images could be decoded")
     kept = result.ok.tolist()
@@ -133,6 +66,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         result.embeddings,
         [str(images.paths[i].resolve()) for i in kept],
         [images.labels[i] for i in kept],
+        thumbnails=result.thumbnails,
     )
     version = index.save(out)
     print(f"wrote {index!r} to {out} ({version.name})")
@@ -141,19 +75,56 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def cmd_index_add(args: argparse.Namespace) -> int:
     index = SearchIndex.load(args.index)
-    encoder = _encoder(args, args.model or index.manifest["model"]["name"])
+    encoder = make_encoder(args, args.model or index.manifest["model"]["name"])
     index.check_model(encoder.package, where=args.index)
-    images, result = _embed_folder(args, encoder, args.images)
+    images, result = embed_folder(args, encoder, args.images)
     kept = result.ok.tolist()
-    ids = index.add(
+    added = index.add(
         result.embeddings,
         [str(images.paths[i].resolve()) for i in kept],
         [images.labels[i] for i in kept],
+        thumbnails=result.thumbnails,
+        replace=args.replace,
     )
+    ids, replaced = _added(index, added)
     index.save(args.index)
     span = f"ids {ids[0]}..{ids[-1]}" if len(ids) else "nothing added"
-    print(f"added {len(ids)} images to {args.index} ({span}); it now holds {len(index)}")
+    also = f", replacing {len(replaced)} with the same paths" if args.replace else ""
+    print(f"added {len(ids)} images to {args.index} ({span}{also}); it now holds {len(index)}")
     return 0
+
+
+def _added(index: SearchIndex, added: Any) -> tuple[list[int], list[int]]:
+    """The new ids and the replaced ones, from SearchIndex.add's answer (an AddResult, or the
+    ids with the replaced ones in `index.last_replaced`)."""
+    if hasattr(added, "ids"):
+        return [int(i) for i in added.ids], [int(i) for i in added.replaced]
+    return [int(i) for i in added], [int(i) for i in getattr(index, "last_replaced", [])]
+
+
+def cmd_index_delete(args: argparse.Namespace) -> int:
+    if not args.id and not args.path:
+        raise UsageError("nothing to delete: give --id N and/or --path P (each repeatable)")
+    if any(i < 0 for i in args.id):
+        raise UsageError(f"--id must be a non-negative integer, got {min(args.id)}")
+    index = SearchIndex.load(args.index)
+    # a path as given, and the absolute path `index build/add` stored for the same file
+    forms = {p: list(dict.fromkeys([p, str(Path(p).resolve())])) for p in args.path}
+    result = index.delete(
+        ids=list(dict.fromkeys(args.id)), paths=[f for v in forms.values() for f in v]
+    )
+    missing_paths = [p for p, fs in forms.items() if set(fs) <= set(result.missing_paths)]
+    version = index.save(args.index)  # compacted: the vectors and thumbnails are gone for good
+    print(
+        f"deleted {len(result.deleted)} items from {args.index}"
+        + (f" (ids {', '.join(map(str, result.deleted))})" if result.deleted else "")
+        + f"; it now holds {len(index)} ({Path(version).name})"
+    )
+    for i in result.missing_ids:
+        print(f"embedserve: no live item with id {i} in {args.index}", file=sys.stderr)
+    for p in missing_paths:
+        print(f"embedserve: no live item with path {p} in {args.index}", file=sys.stderr)
+    return USAGE_ERROR if result.missing_ids or missing_paths else 0
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
@@ -165,11 +136,29 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 # -- search -----------------------------------------------------------------------------------
 
 
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    if args.min_score is not None and not -1.0 <= args.min_score <= 1.0:
+        raise UsageError(f"--min-score must be between -1 and 1, got {args.min_score}")
+    return {
+        "labels": args.label or None,
+        "path_prefix": args.path_prefix or None,
+        "min_score": args.min_score,
+    }
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UsageError(f"-k must be at least 1, got {args.k}")
+    if (args.id is None) == (not args.images):
+        raise UsageError("give query IMAGE files, or --id N of a stored item, not both")
+    filters = _filters(args)
     index = SearchIndex.load(args.index)
-    encoder = _encoder(args, args.model or index.manifest["model"]["name"])
+    if args.id is not None:
+        if index.item(args.id) is None:
+            raise UsageError(f"--id {args.id}: no live item with this id in {args.index}")
+        hits = index.search_by_id(args.id, args.k, **filters)
+        return _print_hits(args, [(None, args.id, hits)])
+    encoder = make_encoder(args, args.model or index.manifest["model"]["name"])
     index.check_model(encoder.package, where=args.index)
     for image in args.images:
         if not Path(image).is_file():
@@ -183,164 +172,27 @@ def cmd_search(args: argparse.Namespace) -> int:
             except ImageDecodeError as e:
                 raise UsageError(f"{image}: {e}") from e
         raise
-    results = index.search(queries, args.k)
+    results = index.search(queries, args.k, **filters)
+    return _print_hits(
+        args, [(image, None, hits) for image, hits in zip(args.images, results, strict=True)]
+    )
+
+
+def _print_hits(
+    args: argparse.Namespace, answers: list[tuple[str | None, int | None, list]]
+) -> int:
+    """Each query's hits: JSON ({"query": image or null, "id": stored id or null, "hits"}) or
+    text (rank, score, id, label, path)."""
     if args.json:
-        answer = [
-            {"query": image, "hits": hits} for image, hits in zip(args.images, results, strict=True)
-        ]
+        answer = [{"query": image, "id": item, "hits": hits} for image, item, hits in answers]
         print(json.dumps(answer, indent=2))
         return 0
-    for image, hits in zip(args.images, results, strict=True):
-        print(f"{image}:")
+    for image, item, hits in answers:
+        print(f"{image}:" if item is None else f"more like id {item}:")
         for rank, hit in enumerate(hits, 1):
             label = f" [{hit['label']}]" if hit["label"] is not None else ""
             print(f"  {rank:3d}. {hit['score']:.4f}  id {hit['id']}{label}  {hit['path']}")
     return 0
-
-
-# -- eval -------------------------------------------------------------------------------------
-
-
-def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from embedserve.evaluate import (
-        embed_image_set,
-        evaluate_embeddings,
-        format_report,
-        linear_probe,
-        require_scikit_learn,
-    )
-    from embedserve.plots import plot_recall_qps
-
-    if args.linear:  # fail before the embedding, not after it
-        try:
-            require_scikit_learn()
-        except ImportError as e:
-            raise UsageError(f"--linear: {e}") from e
-    encoder = _encoder(args, args.model)
-    package = encoder.package
-    sets, vectors = {}, {}
-    for split, folder in (("gallery", args.gallery), ("queries", args.queries)):
-        images = scan_images(folder)
-        if any(label is None for label in images.labels):
-            raise UsageError(
-                f"{folder}: eval needs labels, i.e. class-per-folder images (FOLDER/<class>/...)"
-            )
-        if args.linear and split == "gallery" and len(set(images.labels)) < 2:
-            raise UsageError(f"{folder}: --linear needs a gallery of at least two classes")
-        cache = (
-            Path(args.cache) / f"{package.name}.{encoder.variant}.{split}.npy"
-            if args.cache
-            else None
-        )
-        embeddings, ok, summary = embed_image_set(
-            encoder,
-            images,
-            cache,
-            batch_size=args.batch_size,
-            threads=args.threads,
-            progress=_progress(args),
-            desc=split,
-        )
-        sets[split] = (images, ok, summary)
-        vectors[split] = embeddings
-    gallery_images, gallery_ok, _ = sets["gallery"]
-    query_images, query_ok, _ = sets["queries"]
-    classes = sorted(set(gallery_images.classes) | set(query_images.classes))
-    class_index = {c: i for i, c in enumerate(classes)}
-    gallery_labels = np.array([class_index[gallery_images.labels[i]] for i in gallery_ok])
-    query_labels = np.array([class_index[query_images.labels[i]] for i in query_ok])
-    if Path(args.gallery).resolve() == Path(args.queries).resolve():
-        warnings.warn(
-            "the gallery and the queries are the same folder: every query finds itself first",
-            stacklevel=1,
-        )
-    report: dict[str, Any] = {
-        "command": "embedserve " + shlex.join(argv),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {
-            "name": package.name,
-            "sha256": package.card["sha256"],
-            "variant": encoder.variant,
-            "providers": encoder.providers,
-        },
-        "protocol": (
-            "cosine similarity of L2-normalized embeddings; weighted kNN votes exp(sim/T); "
-            "recall@k: a gallery item of the query's label among the top k; mAP@R with R = the "
-            "number of gallery items of the query's label; ANN recall@10: overlap of the top 10 "
-            "with the exact top 10; queries/s with all queries in one batch"
-        ),
-        "threads": args.threads,
-    }
-    for split, (images, ok, summary) in sets.items():
-        report[split] = {
-            "folder": str(Path(images.root)),
-            "images": len(ok),
-            "classes": len(images.classes),
-            **summary,
-        }
-    settings = [] if args.no_ann else None
-    report.update(
-        evaluate_embeddings(
-            vectors["gallery"],
-            gallery_labels,
-            vectors["queries"],
-            query_labels,
-            ann_settings=settings,
-            repeats=args.repeats,
-        )
-    )
-    if args.linear:
-        report["linear"] = linear_probe(
-            vectors["gallery"], gallery_labels, vectors["queries"], query_labels
-        )
-    report["title"] = (
-        f"{package.name} ({encoder.variant}): {len(gallery_ok)} gallery, {len(query_ok)} queries"
-    )
-    out = Path(args.out or f"runs/eval/{package.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    report["plots"] = {}
-    if "ann" in report:
-        report["plots"]["recall_qps"] = str(plot_recall_qps(report, out / "recall_qps.png"))
-    report["plots"]["retrieval_grid"] = str(
-        _draw_grid(args, vectors, gallery_images, gallery_ok, query_images, query_ok, out)
-    )
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-        print(f"\nwrote {out / 'eval.json'}, " + ", ".join(report["plots"].values()))
-    return 0
-
-
-def _draw_grid(args, vectors, gallery_images, gallery_ok, query_images, query_ok, out: Path):
-    """The first query of each class (up to --grid-rows) with its top-8 neighbours."""
-    from embedserve.evaluate import exact_search, l2_normalize
-    from embedserve.plots import retrieval_grid
-
-    chosen, seen = [], set()
-    for row, position in enumerate(query_ok):
-        label = query_images.labels[position]
-        if label not in seen:
-            seen.add(label)
-            chosen.append(row)
-    chosen = chosen[: args.grid_rows]
-    sims, ids = exact_search(
-        l2_normalize(vectors["gallery"]), l2_normalize(vectors["queries"][chosen]), 8
-    )
-    rows = []
-    for row, sim_row, id_row in zip(chosen, sims, ids, strict=True):
-        q = query_ok[row]
-        hits = [
-            (
-                str(gallery_images.paths[gallery_ok[i]]),
-                gallery_images.labels[gallery_ok[i]],
-                float(s),
-            )
-            for s, i in zip(sim_row, id_row, strict=True)
-        ]
-        rows.append((str(query_images.paths[q]), query_images.labels[q], hits))
-    return retrieval_grid(rows, out / "retrieval_grid.png")
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -376,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (saved)")
     build.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (saved)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index")
-    _add_engine_options(build, model_help)
+    add_thumbnail_options(build)
+    add_engine_options(build, model_help)
     build.set_defaults(func=cmd_index_build)
 
     add = index_commands.add_parser(
@@ -386,8 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--index", required=True, help="index folder")
     add.add_argument("--images", required=True, help="folder of images to add")
-    _add_engine_options(add, "model package (default: the one the index was built with)")
+    add.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete the items already stored under the same paths (the files' absolute paths)",
+    )
+    add_thumbnail_options(add)
+    add_engine_options(add, "model package (default: the one the index was built with)")
     add.set_defaults(func=cmd_index_add)
+
+    delete = index_commands.add_parser(
+        "delete",
+        help="delete items by id or path, for good",
+        description="Delete the items with the given ids and every item stored under the given "
+        "paths (as given, or the absolute path of that file, which `index build/add` store), then "
+        "save the index compacted: their vectors and thumbnails are gone. Ids are never reused. "
+        "Exit code 2 (after deleting the others) when an id or path matches no live item.",
+    )
+    delete.add_argument("--index", required=True, help="index folder")
+    delete.add_argument(
+        "--id", type=int, action="append", default=[], help="an item's id (repeatable)"
+    )
+    delete.add_argument("--path", action="append", default=[], help="a stored path (repeatable)")
+    delete.set_defaults(func=cmd_index_delete)
 
     info = index_commands.add_parser("info", help="print an index's manifest")
     info.add_argument("--index", required=True, help="index folder")
@@ -396,14 +270,31 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser(
         "search",
         help="the nearest neighbours of query images",
-        description="Embed each IMAGE and print its k nearest items in the index (the server's "
-        "/search gives the same answer).",
+        description="Embed each IMAGE and print its k nearest items in the index, or, with --id N "
+        "instead of images, the items most like the stored item N (itself left out). --label, "
+        "--path-prefix and --min-score keep only the items that match (on a Flat index, the "
+        "exact top k of those). The server's /search gives the same answer.",
     )
     search.add_argument("--index", required=True, help="index folder")
-    search.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    search.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
+    search.add_argument(
+        "--id", type=int, default=None, help="search by this stored item instead (more like it)"
+    )
     search.add_argument("-k", type=int, default=10, help="neighbours per query (10)")
+    search.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        help="keep only items with this label (repeatable: any of them)",
+    )
+    search.add_argument(
+        "--path-prefix", default=None, help="keep only items whose path starts with this"
+    )
+    search.add_argument(
+        "--min-score", type=float, default=None, help="keep only hits scoring at least this"
+    )
     search.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _add_engine_options(search, "model package (default: the one the index was built with)")
+    add_engine_options(search, "model package (default: the one the index was built with)")
     search.set_defaults(func=cmd_search)
 
     ev = commands.add_parser(
@@ -431,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--repeats", type=int, default=3, help="timing repeats (median) (3)")
     ev.add_argument("--grid-rows", type=int, default=10, help="queries in the retrieval grid (10)")
     ev.add_argument("--json", action="store_true", help="print the JSON report, not the table")
-    _add_engine_options(ev, model_help)
+    add_engine_options(ev, model_help)
     ev.set_defaults(func=cmd_eval)
     return parser
 
@@ -448,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "threads"):
-            args.threads = _configure_threads(args.threads)
+            args.threads = configure_threads(args.threads)
         if args.func is cmd_eval:
             return cmd_eval(args, argv)
         return args.func(args)

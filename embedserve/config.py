@@ -25,6 +25,9 @@ ENV_PREFIX = "EMBEDSERVE_"
 CONFIG_ENV = "EMBEDSERVE_CONFIG"
 
 DEVICES = ("auto", "cuda", "cpu")
+# The longer side of the index's thumbnails in pixels (embedserve.thumbnails): default and limit.
+DEFAULT_THUMBNAIL_SIZE = 128
+MAX_THUMBNAIL_SIZE = 1024
 VARIANTS = ("auto", "fp32", "fp16", "int8")
 
 
@@ -82,6 +85,11 @@ class ServeConfig:
     # POST /index/add appends to a write-ahead log in the index folder; past this size the
     # index is saved as a new version (atomic) and the log emptied.
     index_log_max_bytes: int = 64 * 1024 * 1024
+    # Images added to the index (POST /index/add) get a JPEG thumbnail of at most this many
+    # pixels on their longer side, made from the decoded image in the decode pool and stored in
+    # the index (GET /index/items/{id}/thumbnail serves it); 0 stores none. See
+    # embedserve.thumbnails (`embedserve index build/add` store them too: --no-thumbnails).
+    thumbnails: int = DEFAULT_THUMBNAIL_SIZE
     # ONNX Runtime intra-op threads per worker; None: the cores divided among the workers.
     threads: int | None = None
     # Threads that decode images (Pillow releases the GIL); None: the cores of this process.
@@ -130,6 +138,11 @@ class ServeConfig:
             raise ConfigError("max_batch_size must be at least 2 (BentoML's batching needs it)")
         if self.max_batch_wait_ms < 0:
             raise ConfigError(f"max_batch_wait_ms must be 0 or more, not {self.max_batch_wait_ms}")
+        if not 0 <= self.thumbnails <= MAX_THUMBNAIL_SIZE:
+            raise ConfigError(
+                f"thumbnails must be 0 (none) or a size in pixels up to {MAX_THUMBNAIL_SIZE}, "
+                f"not {self.thumbnails}"
+            )
         for name in ("threads", "decode_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -21,11 +21,13 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from embedserve.package import Encoder
 from embedserve.preprocess import ImageDecodeError, preprocess
+from embedserve.thumbnails import preprocess_with_thumbnail
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -86,15 +88,21 @@ class EmbedResult:
     ok: np.ndarray  # int64 [N_ok]: positions in the input list of the embedded files
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of skipped files
     seconds: float = 0.0
+    # JPEG thumbnails of the embedded files, in the order of `ok` (embedserve.thumbnails); None
+    # when none were asked for
+    thumbnails: list[bytes] | None = None
 
     @property
     def images_per_second(self) -> float:
         return len(self.ok) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _load(path: Path, encoder: Encoder) -> np.ndarray | str:
-    """The model input of one file, or the reason it cannot be read."""
+def _load(path: Path, encoder: Encoder, thumbnails: int = 0) -> Any:
+    """The model input of one file (with its thumbnail when `thumbnails` > 0: a pair), or the
+    reason it cannot be read."""
     try:
+        if thumbnails > 0:
+            return preprocess_with_thumbnail(path, encoder.package.preprocess, thumbnails)
         return preprocess(path, encoder.package.preprocess)
     except (ImageDecodeError, OSError) as e:
         return str(e)
@@ -107,8 +115,11 @@ def embed_files(
     threads: int = 2,
     progress: bool = True,
     desc: str = "embedding",
+    thumbnails: int = 0,
 ) -> EmbedResult:
-    """Embed image files with the server's preprocessing, `batch_size` images per model call.
+    """Embed image files with the server's preprocessing, `batch_size` images per model call;
+    with `thumbnails` > 0, also a JPEG thumbnail of each (that many pixels on its longer side)
+    made from the same decoded image.
 
     Decoding runs in `threads` threads (Pillow releases the GIL), one batch ahead of the model, so
     at most two batches of decoded images are in memory. A file that cannot be decoded is skipped
@@ -120,6 +131,7 @@ def embed_files(
     dim = encoder.package.embedding_dim
     chunks: list[np.ndarray] = []
     ok: list[int] = []
+    thumbs: list[bytes] = []
     failed: list[tuple[str, str]] = []
     start = time.perf_counter()
     bar = tqdm(total=len(paths), unit="img", desc=desc, disable=not progress, file=sys.stderr)
@@ -131,7 +143,7 @@ def embed_files(
             first = next(batch_starts, None)
             if first is not None:
                 batch = paths[first : first + batch_size]
-                pending.append((first, [pool.submit(_load, p, encoder) for p in batch]))
+                pending.append((first, [pool.submit(_load, p, encoder, thumbnails) for p in batch]))
 
         submit_next()
         while pending:
@@ -144,6 +156,9 @@ def embed_files(
                     failed.append((str(paths[first + offset]), item))
                     warnings.warn(f"skipped {paths[first + offset]}: {item}", stacklevel=2)
                 else:
+                    if thumbnails > 0:
+                        item, thumbnail = item
+                        thumbs.append(thumbnail)
                     images.append(item)
                     positions.append(first + offset)
             if images:
@@ -157,4 +172,5 @@ def embed_files(
         np.array(ok, np.int64),
         failed,
         time.perf_counter() - start,
+        thumbs if thumbnails > 0 else None,
     )

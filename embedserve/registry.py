@@ -33,6 +33,7 @@ from embedserve.package import (
     load_package,
 )
 from embedserve.preprocess import preprocess
+from embedserve.thumbnails import preprocess_with_thumbnail
 
 # The images of a warm-up pass through a batcher: enough for BentoML's dispatcher to fit its
 # latency model (it forces batches of 1, 2 and 3 for its first ~22 calls) before /readyz is 200.
@@ -139,6 +140,25 @@ class ServedModel:
         x = await decode_images(images, self.load_one, pool, field)
         self.telemetry.decode.observe(time.perf_counter() - start)
         return await self.batcher(x)
+
+    async def embed_with_thumbnails(
+        self, images: list[Upload], pool: Executor, max_side: int
+    ) -> tuple[np.ndarray, list[bytes | None]]:
+        """`embed`, and a JPEG thumbnail of each image (embedserve.thumbnails) made from the
+        same decoded image on `pool`; with `max_side` 0, no thumbnails (None each)."""
+        if max_side <= 0:
+            return await self.embed(images, pool), [None] * len(images)
+        pre, max_pixels = self._preprocess, self.config.max_image_pixels
+        start = time.perf_counter()
+        decoded = await decode_images(
+            images,
+            lambda data: preprocess_with_thumbnail(data, pre, max_side, max_pixels),
+            pool,
+            stack=False,
+        )
+        self.telemetry.decode.observe(time.perf_counter() - start)
+        emb = await self.batcher(np.stack([x for x, _ in decoded]))
+        return emb, [thumbnail for _, thumbnail in decoded]
 
     def card_summary(self) -> dict[str, Any]:
         card = self.package.card

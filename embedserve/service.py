@@ -1,9 +1,11 @@
 """The HTTP service: `bentoml serve embedserve.service:EmbedService` (what `make serve` runs).
 
     POST /embed       multipart, field `images` repeated -> one L2-normalized embedding per image
-    POST /search      multipart `images` + `k`           -> top-k neighbours from the FAISS index
+    POST /search      `images` (or a stored `id`) + `k` + filters -> top-k neighbours
     GET  /info        the model, the execution provider really in use, batching, limits, index
-    POST /index/add   multipart `images` + `metadata`    -> ids of the images added to the index
+    POST /index/add   multipart `images` + `metadata` (+ `replace`) -> ids of the images added
+    POST /index/delete, DELETE /index/items/{id}   delete items by id or path
+    GET  /index/items/{id}, .../thumbnail, /index/labels   an item, its JPEG, the labels
     POST /v1/embeddings  the OpenAI embeddings API (JSON, base64 images) -> one embedding each
     GET  /v1/models   the served models (the OpenAI shape)
 
@@ -14,7 +16,8 @@ its card's name (JSON `model`, or a multipart field `model`); without one, the f
 base64-encoded ({"images": ["data:image/jpeg;base64,..."], "k": 5}); URLs are never fetched.
 
 Reading endpoints are open unless EMBEDSERVE_API_KEY is set (then they need
-`Authorization: Bearer <key>`); /index/add always needs the key and is off without one.
+`Authorization: Bearer <key>`); changing the index (adding, deleting) always needs the key
+and is off without one.
 
 A request is parsed and its images decoded (in a thread pool: Pillow releases the GIL) before
 anything is batched, so a bad file fails only its own request, with a 4xx that names it. The
@@ -24,7 +27,6 @@ decoded images of concurrent requests then share model calls through adaptive ba
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -34,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
-import numpy as np
 from fastapi import Request
 from starlette.responses import Response
 
@@ -42,21 +43,17 @@ from embedserve import __version__, bentoml_fixes
 from embedserve.config import ServeConfig, load_config, unknown_variables
 from embedserve.http.app import create_app
 from embedserve.http.auth import check_api_key
-from embedserve.http.errors import ClientError
-from embedserve.http.forms import Upload, client_name, parse_k, parse_metadata, read_images
+from embedserve.http.forms import Upload, read_images
+from embedserve.http.index_api import IndexEndpoints
+from embedserve.http.index_routes import install_index_routes
 from embedserve.http.jsonbody import embeddings_response, read_embeddings
 from embedserve.http.limits import body_hold
 from embedserve.http.schemas import (
-    ADD_ERROR_RESPONSES,
     EMBEDDINGS_ERROR_RESPONSES,
     ERROR_RESPONSES,
-    K_FIELD,
-    METADATA_FIELD,
     MODEL_FIELD,
-    AddResponse,
     EmbeddingsResponse,
     EmbedResponse,
-    SearchResponse,
     embeddings_body,
     json_response,
     multipart_body,
@@ -89,24 +86,11 @@ if CONFIG.index and not Path(CONFIG.index).is_dir():
 check_packages(_PACKAGES, CONFIG)
 
 
-def index_writes_off_reason(cfg: ServeConfig) -> str | None:
-    """Why POST /index/add is off with these settings, or None when it is on."""
-    if not cfg.api_key:
-        return (
-            "adding to the index needs an API key, and none is configured: start the server "
-            "with EMBEDSERVE_API_KEY set (and EMBEDSERVE_INDEX)"
-        )
-    if not cfg.index:
-        return "no search index is configured (EMBEDSERVE_INDEX)"
-    if cfg.workers != 1:
-        # each worker holds its own copy of the index: additions through one would be
-        # invisible to the others
-        return f"adding to the index needs EMBEDSERVE_WORKERS=1 (this server runs {cfg.workers})"
-    return None
-
-
-# The endpoints are routes of this app (embedserve.http.app), defined as methods of the service.
+# The endpoints are routes of this app (embedserve.http.app): the model's, defined as methods of
+# the service; the index's, by embedserve.http.index_routes (answered by each worker's
+# IndexEndpoints, embedserve.http.index_api).
 app = create_app(CONFIG)
+install_index_routes(app, CONFIG.max_images_per_request)
 
 
 @bentoml.asgi_app(app, path="/")
@@ -116,7 +100,7 @@ app = create_app(CONFIG)
     # A request whose answer has not started after this long gets a 504 (slow clients).
     traffic={"timeout": CONFIG.request_timeout_s},
     logging={"access": {"enabled": CONFIG.access_log}},
-    # The OpenAPI page's title and description (served at / and /docs.json).
+    # The OpenAPI page's title and description (the page at /docs, the spec at /docs.json).
     description=__doc__,
 )
 class EmbedService:
@@ -141,42 +125,16 @@ class EmbedService:
         first = self.models.default  # /info's top level and the index's model when it has none
         self.package, self.encoder, self.provider = first.package, first.encoder, first.provider
         self.batcher, self.telemetry = first.batcher, first.telemetry
-        self.index, self.index_model = None, None
-        if cfg.index:
-            self._load_index(cfg.index)
-        self.writes_off = index_writes_off_reason(cfg)
-        if self.writes_off is None:
-            self.index.open_log(cfg.index)  # this worker is the index's one writer
-            logger.info("POST /index/add is on (API key required)")
-        elif cfg.api_key and cfg.index:
-            logger.warning("POST /index/add is off: %s", self.writes_off)
         self._decode_pool = ThreadPoolExecutor(cfg.decoder_threads, thread_name_prefix="decode")
-        # One thread writes the index: log appends (fsync) and saves, in request order.
-        self._index_pool = ThreadPoolExecutor(1, thread_name_prefix="index-writer")
+        # the index's endpoints (search, add, delete, items, thumbnails, labels)
+        self.index_api = IndexEndpoints.open(cfg, self.models, self._decode_pool)
+        app.state.index_endpoints = self.index_api
         # Warm-up before ready: the largest batch first (allocations), then single images.
         start = time.perf_counter()
         for m in self.models:
             m.warm_up()
         self._ready = False
         self._warmup_s = time.perf_counter() - start
-
-    def _load_index(self, path: str) -> None:
-        """Load the index, bound to the served model it was built with (an error when none)."""
-        from embedserve.index import SearchIndex  # faiss is imported only when it is used
-
-        index = SearchIndex.load(path)
-        built_with = index.manifest["model"]["name"]
-        model = built_with if built_with in self.models.names else self.models.names[0]
-        index.check_model(self.models.get(model).package, where=str(path))  # refuses a stranger
-        self.index, self.index_model = index, model
-        self.models.get(model).telemetry.index_size.set(len(index))
-        logger.info(
-            "index %s of model %s: %d vectors (%d from its write-ahead log)",
-            path,
-            model,
-            len(index),
-            index.replayed,
-        )
 
     @bentoml.on_startup
     async def _train_batcher(self) -> None:
@@ -204,17 +162,6 @@ class EmbedService:
             request, (*fields, "model"), cfg.max_request_bytes, cfg.max_images_per_request
         )
         return images, values, self.models.get(values.get("model"))
-
-    def _indexed_model(self, model: ServedModel) -> None:
-        """409 unless `model` is the index's: its vectors are comparable with no other's."""
-        if model.name != self.index_model:
-            raise ClientError(
-                409,
-                f"the index holds embeddings of model {self.index_model!r}, not comparable with "
-                f"{model.name!r}'s: send model={self.index_model!r} (or serve an index built "
-                f"with {model.name!r})",
-                reason="index_model",
-            )
 
     # -- endpoints ----------------------------------------------------------------------------
 
@@ -289,101 +236,6 @@ class EmbedService:
         check_api_key(request, self.config.api_key)
         return json_response(self.models.openai_list())
 
-    @app.post(
-        "/search",
-        summary="Find similar images",
-        response_model=SearchResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=multipart_body(CONFIG.max_images_per_request, K_FIELD | MODEL_FIELD),
-        tags=["Service APIs"],
-    )
-    async def search(self, request: Request) -> Response:
-        """The k most similar indexed images for each query image (cosine similarity), with
-        their ids, scores, paths and labels. `k` over the index size returns every image.
-
-        Example: `curl -F images=@cat.jpg -F k=5 localhost:3000/search`
-
-        Needs an index (`embedserve index build ...`, then EMBEDSERVE_INDEX=DIR); without one
-        the answer is 409 with these instructions."""
-        check_api_key(request, self.config.api_key)
-        if self.index is None:
-            raise ClientError(
-                409,
-                "no search index is configured: build one with `embedserve index build "
-                "--images DIR --out INDEX_DIR` and start the server with "
-                "EMBEDSERVE_INDEX=INDEX_DIR",
-            )
-        images, values, model = await self._read(request, ("images", "k"))
-        self._indexed_model(model)
-        k = parse_k(values.get("k", "10"), self.config.max_k)
-        emb = await model.embed(images, self._decode_pool)
-        hits = await asyncio.get_running_loop().run_in_executor(
-            self._decode_pool, self.index.search, emb, k
-        )
-        results = [
-            {"file": client_name(i, filename), "neighbours": h}
-            for i, ((filename, _), h) in enumerate(zip(images, hits, strict=True))
-        ]
-        return json_response({"model": model.name, "k": k, "results": results})
-
-    @app.post(
-        "/index/add",
-        summary="Add images to the index (API key required)",
-        response_model=AddResponse,
-        responses=ADD_ERROR_RESPONSES,
-        openapi_extra=multipart_body(CONFIG.max_images_per_request, METADATA_FIELD | MODEL_FIELD),
-        tags=["Service APIs"],
-    )
-    async def index_add(self, request: Request) -> Response:
-        """Embed the images and append them to the served index; the answer gives their ids.
-        When it comes, the additions are in the index's fsynced write-ahead log (they survive
-        a crash or a kill) and searchable. Searches running meanwhile are never failed.
-
-        Example: `curl -H "Authorization: Bearer $KEY" -F images=@cat.jpg
-        -F 'metadata=[{"path": "cat.jpg", "label": "cat"}]' localhost:3000/index/add`
-
-        Needs EMBEDSERVE_API_KEY (without one, 403: adding is off), EMBEDSERVE_INDEX and one
-        worker."""
-        cfg = self.config
-        if cfg.api_key is None:
-            raise ClientError(403, f"POST /index/add is off: {self.writes_off}")
-        check_api_key(request, cfg.api_key, required=True)
-        if self.writes_off is not None:
-            raise ClientError(403, f"POST /index/add is off: {self.writes_off}")
-        try:
-            images, values, model = await self._read(request, ("images", "metadata"))
-            self._indexed_model(model)
-            paths, labels = parse_metadata(values.get("metadata"), images)
-            emb = await model.embed(images, self._decode_pool)
-            ids = await asyncio.get_running_loop().run_in_executor(
-                self._index_pool, self._add_durably, emb, paths, labels
-            )
-        except OSError as e:  # the log could not be written: nothing was acknowledged
-            logger.error("index log write failed: %s", e)
-            raise ClientError(
-                503,
-                f"not added: the index could not be written ({e.strerror}); retry",
-                reason="index_write_failed",
-            ) from None
-        model.telemetry.index_size.set(len(self.index))
-        return json_response({"model": model.name, "ids": ids, "index_size": len(self.index)})
-
-    def _add_durably(
-        self, emb: np.ndarray, paths: list[str | None], labels: list[str | None]
-    ) -> np.ndarray:
-        """Log + add (durable and searchable), then compact a log grown past its limit."""
-        ids = self.index.add_durable(emb, paths, labels)
-        if self.index.log_size > self.config.index_log_max_bytes:
-            start = time.perf_counter()
-            version = self.index.save(self.config.index)  # atomic; then the log is emptied
-            logger.info(
-                "index saved as %s (%d vectors) in %.2f s; log emptied",
-                version.name,
-                len(self.index),
-                time.perf_counter() - start,
-            )
-        return ids
-
     @app.get(
         "/info",
         summary="What is being served",
@@ -428,17 +280,7 @@ class EmbedService:
             },
             # whether a key is needed; the key itself is never shown
             "auth": "api key required" if cfg.api_key else "open",
-            "index": None
-            if self.index is None
-            else {
-                "path": str(cfg.index),
-                "size": len(self.index),
-                "model": self.index.manifest.get("model"),
-                "served_model": self.index_model,
-                "factory": self.index.manifest.get("factory"),
-                "writes": "on (api key required)" if self.writes_off is None else "off",
-                "log_bytes": self.index.log_size,
-            },
+            "index": self.index_api.describe(),
         }
 
 

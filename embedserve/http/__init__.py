@@ -6,9 +6,14 @@
              reading a body within max_request_bytes, max_images_per_request
     forms    reading a multipart request (or, through jsonbody, a JSON one): images, metadata, k
     jsonbody JSON bodies: base64 images (never URLs), the OpenAI /v1/embeddings request/answer
+    fields   the index's request fields: search filters, a stored item's id, replace, deletes
     decode   decoding the uploaded images in a thread pool, naming each bad file
     schemas  the response models, the OpenAPI request bodies and error table, JSON encoding
     app      create_app(config): the FastAPI app that embedserve.service mounts
+    index_api    what the index's endpoints do (IndexEndpoints: search, add, delete, items,
+                 thumbnails, labels), one per worker
+    index_routes the index's routes and their OpenAPI documentation
 
-embedserve.service holds the BentoML service class and its endpoints, which use these.
+embedserve.service holds the BentoML service class and the model's endpoints, which use these,
+and adds the index's routes.
 """

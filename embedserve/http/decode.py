@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +30,13 @@ REASONS = {400: "bad_image", 413: "max_image_pixels", 415: "unsupported_image_fo
 
 async def decode_images(
     images: list[Upload],
-    load: Callable[[bytes], np.ndarray],
+    load: Callable[[bytes], Any],
     executor: Executor,
     field: str = "images",
-) -> np.ndarray:
-    """`load` (bytes -> preprocessed array) on every file in parallel on `executor`, stacked.
+    stack: bool = True,
+) -> Any:
+    """`load` (bytes -> preprocessed array) on every file in parallel on `executor`, stacked
+    (or, without `stack`, the list of what `load` returned).
 
     Every file that raises ImageDecodeError is named in one ClientError (by its position in
     `field` and its file name: `images[1] (scan.pdf)`), whose status is the most specific of
@@ -55,4 +58,4 @@ async def decode_images(
         files = [{"file": name, "problem": why} for _, name, why in problems]
         summary = "; ".join(f"{f['file']}: {f['problem']}" for f in files)
         raise ClientError(status, summary, files, reason=REASONS[status])
-    return np.stack(results)
+    return np.stack(results) if stack else list(results)

@@ -2,6 +2,8 @@
 
     POST /embed, /search, /index/add  {"images": [...], "k": 5, "metadata": [...]}: the fields
                                       of the endpoint's multipart form, the same answers
+                                      (/search {"id": 42} searches by a stored item, no images)
+    POST /index/delete                {"ids": [...], "paths": [...]}
     POST /v1/embeddings               the OpenAI embeddings API: {"model", "input",
                                       "encoding_format"} -> {"object": "list", "data": [...]}
 
@@ -180,11 +182,17 @@ async def read_json_form(
     max_bytes: int,
     max_images: int,
     hold: BodyHold | None = None,
+    images_required: bool = True,
 ) -> tuple[list[Upload], dict[str, Any]]:
     """A form's fields from a JSON body: the images of `images` (at most `max_images`, a 413
-    before any is decoded) and the other fields' values as sent (null is absent)."""
-    example = '{"images": ["data:image/jpeg;base64,..."]}'
+    before any is decoded; absent or null is none unless `images_required`) and the other
+    fields' values as sent (null is absent)."""
+    example = (
+        '{"images": ["data:image/jpeg;base64,..."]}' if "images" in fields else '{"ids": [...]}'
+    )
     body = check_fields(await read_json(request, max_bytes, hold), fields, example)
+    if body.get("images") is None and not images_required:
+        return [], {k: v for k, v in body.items() if v is not None}
     items = image_strings(body.get("images"), "images")
     check_count(items, max_images)
     values = {k: v for k, v in body.items() if k != "images" and v is not None}

@@ -32,7 +32,10 @@ class Neighbour(BaseModel):
 
 
 class SearchResult(BaseModel):
-    file: str = Field(description="the query image, as the request named it")
+    file: str | None = Field(
+        description="the query image, as the request named it (null for a search by id)"
+    )
+    id: int | None = Field(description="the stored item searched by (null for an image)")
     neighbours: list[Neighbour]
 
 
@@ -49,7 +52,41 @@ class AddResponse(BaseModel):
 
     model: str
     ids: list[int] = Field(description="the new images' ids, in request order")
+    replaced: list[int] = Field(
+        description="with replace=true, the ids of the items deleted because a new image has "
+        "their path"
+    )
     index_size: int = Field(description="images in the index now")
+
+
+class DeleteResponse(BaseModel):
+    """The answer of POST /index/delete: the deletions are durable when it comes."""
+
+    deleted: list[int] = Field(description="the ids of the items deleted")
+    missing_ids: list[int] = Field(description="ids sent that no live item has")
+    missing_paths: list[str] = Field(description="paths sent that no live item has")
+    index_size: int = Field(description="items in the index now")
+
+
+class DeleteItemResponse(BaseModel):
+    """The answer of DELETE /index/items/{id}."""
+
+    deleted: list[int] = Field(description="[the id]")
+    index_size: int = Field(description="items in the index now")
+
+
+class ItemResponse(BaseModel):
+    """A stored item (GET /index/items/{id})."""
+
+    id: int
+    path: str | None = Field(description="the path stored with it (text, never opened)")
+    label: str | None
+
+
+class LabelsResponse(BaseModel):
+    """GET /index/labels."""
+
+    labels: dict[str, int] = Field(description="each label and its number of live items")
 
 
 class EmbeddingItem(BaseModel):
@@ -104,6 +141,37 @@ ADD_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"description": "no index configured, or `model` is not the index's"},
 }
 
+# The extra responses of the index's endpoints.
+SEARCH_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    400: {
+        "description": "a bad file or field (k, id, label, path_prefix, min_score), images and "
+        "id together, or neither"
+    },
+    404: {"description": "`id` is no live item's (never added, or deleted), or `model` unknown"},
+}
+ITEM_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the id is not a non-negative integer"},
+    401: ERROR_RESPONSES[401],
+    404: {"description": "no live item has this id (or, for a thumbnail, it has none)"},
+    409: {"description": "no index configured"},
+}
+DELETE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "a bad id or path, or none sent"},
+    401: ADD_ERROR_RESPONSES[401],
+    403: {
+        "description": "changing the index is off: no API key configured, no index, or workers > 1"
+    },
+    404: {"description": "DELETE /index/items/{id}: no live item has this id"},
+    413: {"description": "a body over the byte limit"},
+    415: {"description": "a body that is neither a form nor JSON"},
+    503: {"description": "the index could not be written (nothing was deleted); retry"},
+}
+THUMBNAIL_RESPONSE: dict[str, Any] = {
+    "description": "the JPEG thumbnail",
+    "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+}
+
 # The extra responses of POST /v1/embeddings.
 EMBEDDINGS_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {**ERROR_RESPONSES}
 EMBEDDINGS_ERROR_RESPONSES.pop(409)
@@ -138,6 +206,87 @@ METADATA_FIELD = {
         '[{"path": "photos/cat.jpg", "label": "cat"}, ...]; both keys optional. '
         "Without it, each path is the uploaded file's name and there is no label. "
         "Paths are stored as text, never opened.",
+    }
+}
+
+
+REPLACE_FIELD = {
+    "replace": {
+        "type": "boolean",
+        "default": False,
+        "description": "true: delete the items already stored under the new images' paths, in "
+        "the same step (their ids come back in `replaced`)",
+    }
+}
+FILTER_FIELDS = {
+    "label": {
+        "anyOf": [
+            {"type": "string", "maxLength": MAX_LABEL_CHARS},
+            {"type": "array", "items": {"type": "string", "maxLength": MAX_LABEL_CHARS}},
+        ],
+        "description": "keep only items with this label; repeat the field (a JSON array) for "
+        "any of several",
+    },
+    "path_prefix": {
+        "type": "string",
+        "maxLength": MAX_PATH_CHARS,
+        "description": "keep only items whose stored path starts with this text",
+    },
+    "min_score": {
+        "type": "number",
+        "minimum": -1,
+        "maximum": 1,
+        "description": "keep only neighbours with at least this cosine similarity",
+    },
+}
+ID_FIELD = {
+    "id": {
+        "type": "integer",
+        "minimum": 0,
+        "description": "search by this stored item instead of images (more like this; the item "
+        "itself is left out)",
+    }
+}
+
+
+def search_body(max_images: int) -> dict[str, Any]:
+    """The OpenAPI requestBody of POST /search: images (a multipart form or JSON) or the `id`
+    of a stored item (any of those, or a URL-encoded form), with `k`, `model` and filters."""
+    body = multipart_body(max_images, K_FIELD | MODEL_FIELD | FILTER_FIELDS | ID_FIELD)
+    content = body["requestBody"]["content"]
+    for kind in ("multipart/form-data", "application/json"):
+        content[kind]["schema"].pop("required")
+    content["multipart/form-data"]["encoding"] = {"images": {"contentType": "image/*"}}
+    content["application/x-www-form-urlencoded"] = {
+        "schema": {
+            "type": "object",
+            "required": ["id"],
+            "properties": K_FIELD | MODEL_FIELD | FILTER_FIELDS | ID_FIELD,
+        }
+    }
+    return body
+
+
+_TARGETS = {
+    "id": {"type": "array", "items": {"type": "integer", "minimum": 0}, "description": "ids"},
+    "path": {"type": "array", "items": {"type": "string"}, "description": "stored paths"},
+}
+DELETE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {"type": "object", "properties": _TARGETS}
+            },
+            "multipart/form-data": {"schema": {"type": "object", "properties": _TARGETS}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"ids": _TARGETS["id"], "paths": _TARGETS["path"]},
+                    "additionalProperties": False,
+                }
+            },
+        },
     }
 }
 

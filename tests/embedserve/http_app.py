@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -20,10 +21,13 @@ from embedserve.http.auth import check_api_key
 from embedserve.http.decode import decode_images
 from embedserve.http.errors import ClientError
 from embedserve.http.forms import parse_k, parse_metadata, read_images
-from embedserve.http.jsonbody import embeddings_response, read_embeddings_request
+from embedserve.http.index_api import IndexEndpoints
+from embedserve.http.index_routes import install_index_routes
+from embedserve.http.jsonbody import embeddings_response, read_embeddings_request, served_model
 from embedserve.http.limits import body_hold
 from embedserve.http.schemas import json_response
 from embedserve.preprocess import Preprocess, preprocess
+from embedserve.thumbnails import make_thumbnail, preprocess_with_thumbnail
 
 KEY = "unit-test-key-0123456789"
 PRE = Preprocess(resize=16, crop_height=16, crop_width=16)
@@ -51,6 +55,8 @@ def tiny_app(**settings) -> FastAPI:
                    of fake_embeddings
     GET  /auth     check_api_key with KEY (open without one: /open; required: /required)
     GET  /raise    raises ClientError(status, ...) or Overloaded (?kind=overloaded)
+
+    (`index_app` makes an app with the index's real routes, over a FakeModel.)
     """
     cfg = ServeConfig(**settings)
     app = create_app(cfg)
@@ -152,6 +158,88 @@ def new_events(app: FastAPI) -> None:
     """Fresh events for /slow, made in the running event loop."""
     app.state.entered = asyncio.Event()
     app.state.release = asyncio.Event()
+
+
+class FakeModel:
+    """What IndexEndpoints needs of a served model, over PRE and fake_embeddings (no ONNX)."""
+
+    name = MODEL
+
+    def __init__(self) -> None:
+        self.package = SimpleNamespace(name=MODEL, card={"sha256": "0" * 64}, embedding_dim=DIM)
+        self.telemetry = SimpleNamespace(index_size=SimpleNamespace(set=lambda n: None))
+        self.thumbnail_calls = 0
+
+    async def embed(self, images, pool, field: str = "images") -> np.ndarray:
+        load = lambda data: preprocess(data, PRE, max_pixels=MAX_PIXELS)  # noqa: E731
+        return fake_embeddings(await decode_images(images, load, pool, field))
+
+    async def embed_with_thumbnails(self, images, pool, max_side: int):
+        if max_side <= 0:
+            return await self.embed(images, pool), [None] * len(images)
+        self.thumbnail_calls += 1
+        load = lambda data: preprocess_with_thumbnail(data, PRE, max_side, MAX_PIXELS)  # noqa: E731
+        decoded = await decode_images(images, load, pool, stack=False)
+        return fake_embeddings(np.stack([x for x, _ in decoded])), [t for _, t in decoded]
+
+
+class FakeModels:
+    """ServedModels of one FakeModel: `get(name)` answers 404 for another name."""
+
+    def __init__(self) -> None:
+        self.model = FakeModel()
+        self.names = [MODEL]
+
+    def get(self, asked) -> FakeModel:
+        served_model(asked, self.names)
+        return self.model
+
+
+def index_app(folder, items: int = 0, **settings) -> tuple[FastAPI, object]:
+    """create_app + the index's routes over a real Flat SearchIndex of DIM dimensions saved in
+    `folder` (its log open: changes are durable), with `items` random vectors (paths
+    "img/<i>.png", labels "even"/"odd", a thumbnail each: png(i)), and a FakeModel. The API
+    key is KEY unless `settings` say otherwise. Returns (app, index)."""
+    from embedserve.index import SearchIndex
+
+    cfg = ServeConfig(**{"api_key": KEY, "index": str(folder), **settings})
+    app = create_app(cfg)
+    install_index_routes(app, cfg.max_images_per_request)
+    models = FakeModels()
+    index = SearchIndex.create(models.model.package, "Flat")
+    if items:
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(items, DIM)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        paths = [f"img/{i}.png" for i in range(items)]
+        labels = ["even" if i % 2 == 0 else "odd" for i in range(items)]
+        index.add(x, paths, labels, thumbnails=[make_thumbnail(image(i)) for i in range(items)])
+    index.save(folder)
+    if cfg.api_key and cfg.workers == 1:
+        index.open_log(folder)
+    endpoints = IndexEndpoints(cfg, models, index, MODEL, ThreadPoolExecutor(2))
+    app.state.index_endpoints = endpoints
+    return app, index
+
+
+def image(seed: int, size: int = 40) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), np.uint8))
+
+
+class SyncASGITransport(httpx.BaseTransport):
+    """An httpx transport for a blocking client (embedserve.client.Client) that sends each
+    request to an ASGI app in this process, in its own event loop."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def send() -> httpx.Response:
+            response = await httpx.ASGITransport(app=self.app).handle_async_request(request)
+            content = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+        return asyncio.run(send())
 
 
 class Client:

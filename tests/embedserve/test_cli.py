@@ -4,7 +4,10 @@ exit code 2 with the file's name for input errors."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +170,98 @@ def test_a_query_that_is_not_an_image_exits_2_and_names_it(built_index, tmp_path
         main(["search", "--index", str(built_index), str(tmp_path / "missing.jpg"), *ENGINE]) == 2
     )
     assert "missing.jpg: no such file" in capsys.readouterr().err
+
+
+# -- thumbnails, filters, search by id, delete, replace --------------------------------------------
+
+
+def test_build_stores_a_thumbnail_of_every_image_unless_told_not_to(built_index, tmp_path):
+    index = SearchIndex.load(built_index)
+    thumb = Image.open(io.BytesIO(index.thumbnail(0)))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 128
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(make_pattern(i, 4, 300, rng)).save(tmp_path / f"{i}.png")
+    for flags, expected in [(["--no-thumbnails"], None), (["--thumbnail-size", "32"], (32, 32))]:
+        out = tmp_path / f"idx{len(flags)}"
+        argv = ["index", "build", "--images", str(tmp_path), "--out", str(out), *flags, *ENGINE]
+        assert main(argv) == 0
+        stored = SearchIndex.load(out).thumbnail(0)
+        assert (stored if expected is None else Image.open(io.BytesIO(stored)).size) == expected
+
+
+def test_search_filters_label_path_prefix_and_min_score(built_index, image_folder, capsys):
+    query = str(image_folder / "val" / "class_2" / "000.png")
+    labels = ["--label", "class_0", "--label", "class_3"]
+    hits = search_json(capsys, built_index, [query], k=8, extra=labels)[0]["hits"]
+    assert len(hits) == 8 and {h["label"] for h in hits} <= {"class_0", "class_3"}
+    prefix = str((image_folder / "train" / "class_1").resolve()) + "/01"
+    hits = search_json(capsys, built_index, [query], k=30, extra=["--path-prefix", prefix])[0]
+    assert len(hits["hits"]) == 10 and all(h["path"].startswith(prefix) for h in hits["hits"])
+    every = search_json(capsys, built_index, [query], k=96)[0]["hits"]
+    threshold = every[20]["score"]
+    kept = search_json(capsys, built_index, [query], k=96, extra=["--min-score", str(threshold)])
+    assert [h["id"] for h in kept[0]["hits"]] == [h["id"] for h in every if h["score"] >= threshold]
+    assert main(["search", "--index", str(built_index), query, "--min-score", "1.5", *ENGINE]) == 2
+    assert "--min-score must be between -1 and 1" in capsys.readouterr().err
+
+
+def test_search_by_id_is_more_like_a_stored_item(built_index, capsys):
+    answer = search_json(capsys, built_index, [], k=5, extra=["--id", "30"])
+    expected = SearchIndex.load(built_index).search_by_id(30, 5)
+    assert answer == [{"query": None, "id": 30, "hits": expected}]
+    assert 30 not in [h["id"] for h in expected]
+    assert main(["search", "--index", str(built_index), "--id", "30", "-k", "2", *ENGINE]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "more like id 30:" and len(lines) == 3
+    assert main(["search", "--index", str(built_index), "--id", "999", *ENGINE]) == 2
+    assert "--id 999: no live item" in capsys.readouterr().err
+    assert main(["search", "--index", str(built_index), *ENGINE]) == 2
+    assert "give query IMAGE files, or --id N" in capsys.readouterr().err
+    assert main(["search", "--index", str(built_index), "q.png", "--id", "3", *ENGINE]) == 2
+
+
+def test_index_delete_by_id_and_path_compacts_and_never_reuses_ids(
+    built_index, image_folder, tmp_path, capsys
+):
+    index_dir = tmp_path / "idx"
+    shutil.copytree(built_index, index_dir)
+    path5 = SearchIndex.load(index_dir).item(5)["path"]
+    relative = os.path.relpath(path5)  # a path as the user types it: matched by the file
+    capsys.readouterr()
+    argv = ["index", "delete", "--index", str(index_dir), "--id", "3", "--path", relative]
+    assert main(argv) == 0
+    assert "deleted 2 items" in capsys.readouterr().out
+    index = SearchIndex.load(index_dir)
+    assert len(index) == 94 and index.item(3) is None and index.item(5) is None
+    assert index.manifest["count"] == 94  # compacted on save: no deleted vector is kept
+    hits = search_json(capsys, index_dir, [path5], k=94)[0]["hits"]
+    assert not {3, 5} & {h["id"] for h in hits}
+    argv = ["index", "delete", "--index", str(index_dir), "--id", "3", "--id", "4"]
+    assert main(argv + ["--path", "/no/such.png"]) == 2
+    err = capsys.readouterr().err
+    assert "no live item with id 3" in err and "no live item with path /no/such.png" in err
+    assert SearchIndex.load(index_dir).item(4) is None  # the others were deleted
+    assert main(["index", "delete", "--index", str(index_dir)]) == 2
+    assert "nothing to delete" in capsys.readouterr().err
+    extra = write_image_folder(tmp_path / "extra", num_classes=1, per_class=2, seed=9)
+    assert main(["index", "add", "--index", str(index_dir), "--images", str(extra), *ENGINE]) == 0
+    assert "ids 96..97" in capsys.readouterr().out  # never reused
+
+
+def test_index_add_replace_swaps_the_items_of_the_same_files(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "photos", num_classes=2, per_class=2, seed=4)
+    index_dir = tmp_path / "idx"
+    build = ["index", "build", "--images", str(folder), "--out", str(index_dir), *ENGINE]
+    assert main(build) == 0
+    add = ["index", "add", "--index", str(index_dir), "--images", str(folder), *ENGINE]
+    assert main([*add, "--replace"]) == 0
+    assert "ids 4..7, replacing 4 with the same paths" in capsys.readouterr().out
+    index = SearchIndex.load(index_dir)
+    assert len(index) == 4 and [index.item(i) for i in range(4)] == [None] * 4
+    assert index.thumbnail(4) is not None
+    assert main(add) == 0  # without --replace: a second item per file
+    assert len(SearchIndex.load(index_dir)) == 8
 
 
 def test_eval_writes_the_report_and_plots_and_reuses_cached_embeddings(

@@ -130,6 +130,38 @@ def test_the_async_client(server):
     assert len(hits) == 1 and len(hits[0]) == 2 and hits[0][0].score >= hits[0][1].score
 
 
+def test_filters_more_like_this_thumbnails_replace_and_delete_end_to_end(server):
+    """The index's endpoints of a real server (its decode pool makes the thumbnails) through
+    the client; the index was built by the command line, which stored thumbnails too."""
+    with Client(server.url, api_key=KEY, timeout=60) as client:
+        built = Image.open(io.BytesIO(client.thumbnail(0)))
+        assert built.format == "JPEG" and built.size == (48, 48)  # smaller than 128: as it is
+        labels = client.labels()
+        assert labels["class_1"] == 3 and set(labels) >= {"class_0", "class_1", "class_2"}
+        hits = client.search(arrays(1, seed=5)[0], k=5, labels=["class_1"])[0]
+        assert len(hits) == 3 and {h.label for h in hits} == {"class_1"}
+        more = client.search_by_id(hits[0].id, k=3, labels="class_1", min_score=-1)
+        assert len(more) == 2 and hits[0].id not in [h.id for h in more]
+        big = arrays(1, seed=6, size=400)[0]
+        first = client.add([big], paths=["e2e/a.png"], labels=["e2e"])
+        thumb = Image.open(io.BytesIO(client.thumbnail(first.ids[0])))
+        assert thumb.format == "JPEG" and max(thumb.size) == 128
+        second = client.add([arrays(1, seed=7)[0]], paths=["e2e/a.png"], replace=True)
+        assert second.replaced == first.ids and second.index_size == first.index_size
+        with pytest.raises(APIError) as e:
+            client.item(first.ids[0])
+        assert e.value.status == 404
+        deleted = client.delete(paths=["e2e/a.png"], ids=[10**6])
+        assert deleted.deleted == second.ids and deleted.missing_ids == [10**6]
+        assert deleted.index_size == first.index_size - 1
+        found = client.search(big, k=50)[0]
+        assert not {h.id for h in found} & {*first.ids, *second.ids}
+        assert client.info()["index"]["size"] == deleted.index_size
+    with Client(server.url) as anonymous, pytest.raises(APIError) as e:
+        anonymous.delete(ids=[0])
+    assert e.value.status == 401
+
+
 def test_bentomls_own_client_has_none_of_these_endpoints(server):
     """bentoml.SyncHTTPClient builds its methods from /schema.json, which lists BentoML APIs;
     the endpoints here are routes of a mounted app, so it has no `embed`: only raw requests."""

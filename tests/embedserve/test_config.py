@@ -91,3 +91,14 @@ def test_a_short_api_key_is_refused_without_repeating_it():
 
 def test_an_empty_api_key_means_none():
     assert load_config(environ={"EMBEDSERVE_API_KEY": ""}).api_key is None
+
+
+def test_thumbnails_are_on_by_default_and_0_turns_them_off():
+    assert ServeConfig().thumbnails == 128
+    assert load_config(environ={"EMBEDSERVE_THUMBNAILS": "0"}).thumbnails == 0
+    assert load_config(environ={"EMBEDSERVE_THUMBNAILS": "256"}).thumbnails == 256
+    for bad, words in (("-1", r"thumbnails must be 0 \(none\) or a size"), ("big", "an integer")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(environ={"EMBEDSERVE_THUMBNAILS": bad})
+    with pytest.raises(ConfigError, match="up to 1024"):
+        ServeConfig(thumbnails=4096)

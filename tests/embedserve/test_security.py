@@ -88,12 +88,22 @@ def top_hit(server, image: bytes) -> dict:
 # -- access control -----------------------------------------------------------------------------
 
 
-ROUTES = [("POST", "/embed"), ("POST", "/search"), ("GET", "/info"), ("POST", "/index/add")]
+ROUTES = [
+    ("POST", "/embed"),
+    ("POST", "/search"),
+    ("GET", "/info"),
+    ("POST", "/index/add"),
+    ("GET", "/index/labels"),
+    ("GET", "/index/items/0"),
+    ("GET", "/index/items/0/thumbnail"),
+    ("POST", "/index/delete"),
+    ("DELETE", "/index/items/0"),
+]
 
 
 def request(server, method: str, route: str, headers: dict) -> httpx.Response:
-    if method == "GET":
-        return httpx.get(server.url + route, headers=headers, timeout=30)
+    if method in ("GET", "DELETE"):
+        return httpx.request(method, server.url + route, headers=headers, timeout=30)
     return post(server, route, [("a.png", png(0))], headers=headers)
 
 

@@ -166,7 +166,8 @@ def test_health_metrics_and_openapi_pages(server):
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
     spec = httpx.get(server.url + "/docs.json").json()
-    for route in ("/embed", "/search", "/info", "/v1/embeddings"):
+    index_routes = ("/index/add", "/index/delete", "/index/items/{item_id}", "/index/labels")
+    for route in ("/embed", "/search", "/info", "/v1/embeddings", *index_routes):
         assert route in spec["paths"], f"{route} missing from the OpenAPI page"
         text = json.dumps(spec["paths"][route])
         assert "curl" in text, f"{route} has no example in the OpenAPI page"
@@ -212,6 +213,60 @@ def test_k_larger_than_the_index_returns_every_image(server, photos):
     response = post_images(server.url + "/search", [("q.jpg", photos[0])], k=str(MAX_K))
     assert response.status_code == 200, response.text
     assert len(response.json()["results"][0]["neighbours"]) == 24
+
+
+def cli_search(index_dir, *args: str) -> list[dict]:
+    cli = subprocess.run(
+        [sys.executable, "-m", "embedserve.cli", "search", "--index", str(index_dir), *args]
+        + ["--json", "--device", "cpu"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    return json.loads(cli.stdout)
+
+
+def test_search_by_id_and_filters_equal_the_command_line(server, index_dir, tmp_path, photos):
+    query = tmp_path / "q.jpg"
+    query.write_bytes(photos[1])
+    filters = ["--label", "class_1", "--label", "class_3", "--min-score", "-0.2"]
+    expected = cli_search(index_dir, str(query), "-k", "4", *filters)[0]["hits"]
+    response = post_images(
+        server.url + "/search",
+        [("q.jpg", photos[1])],
+        k="4",
+        label=["class_1", "class_3"],
+        min_score="-0.2",
+    )
+    got = response.json()["results"][0]["neighbours"]
+    assert [h["id"] for h in got] == [h["id"] for h in expected] and len(got) == 4
+    assert {h["label"] for h in got} <= {"class_1", "class_3"}
+    by_id = cli_search(index_dir, "--id", "9", "-k", "5")[0]["hits"]
+    for body in ({"data": {"id": "9", "k": "5"}}, {"json": {"id": 9, "k": 5}}):
+        answer = httpx.post(server.url + "/search", timeout=30, **body).json()
+        assert answer["results"][0]["id"] == 9 and answer["results"][0]["file"] is None
+        got = answer["results"][0]["neighbours"]
+        assert [h["id"] for h in got] == [h["id"] for h in by_id] and 9 not in [
+            h["id"] for h in got
+        ]
+        np.testing.assert_allclose(
+            [h["score"] for h in got], [h["score"] for h in by_id], atol=1e-6
+        )
+
+
+def test_the_thumbnails_the_command_line_stored_are_served(server, index_dir):
+    response = httpx.get(server.url + "/index/items/2/thumbnail", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response.content)).size == (48, 48)
+    assert httpx.get(server.url + "/index/items/2").json()["label"] == "class_0"
+    missing = httpx.get(server.url + "/index/items/24/thumbnail", timeout=30)
+    assert missing.status_code == 404 and "no item with id 24" in missing.json()["error"]
+    labels = httpx.get(server.url + "/index/labels", timeout=30).json()["labels"]
+    assert labels == {f"class_{i}": 6 for i in range(4)}
+    # without a key, changing the index is off
+    response = httpx.request("DELETE", server.url + "/index/items/2", timeout=30)
+    assert response.status_code == 403 and "needs an API key" in response.json()["error"]
 
 
 # -- bad input: a 4xx that names the file and the problem, and the server stays healthy ----------
