@@ -196,7 +196,13 @@ def remove(index: faiss.Index, ids: np.ndarray, factory: str) -> faiss.Index:
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if len(ids) == 0:
         return index
-    selector = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
+    if faiss.try_extract_index_ivf(index) is not None:
+        # IVF with a hash-table direct map removes an IDSelectorArray's ids one by one
+        selector = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
+    else:
+        # every stored id is tested: a hash set (IDSelectorArray's test is a linear scan,
+        # which made removing 10^5 of 10^6 Flat vectors take 50 s)
+        selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
     try:
         index.remove_ids(selector)  # the save checks that the counts agree
     except RuntimeError:
