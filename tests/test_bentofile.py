@@ -65,6 +65,11 @@ def test_bentoml_build_makes_a_bento_that_serves_on_its_own(tmp_path):
         assert shipped.stat().st_size == package.file(variant).stat().st_size
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements and "torch" not in requirements
+    # the image `bentoml containerize` would build (no container engine runs here): Python
+    # 3.11 on the CUDA + cuDNN runtime that onnxruntime-gpu's CUDA provider needs
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" in dockerfile
+    assert "3.11" in dockerfile
     openapi = (bento / "apis" / "openapi.yaml").read_text()
     assert "/embed" in openapi and "/search" in openapi
 
