@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the repository's paths, the machine a result was measured
-on, the image files of a folder, and how a result is written.
+on, the image files of a folder, how a result is written, and a timed rate of queries.
 
 Standard library only at import (the CPU flags import embedserve when asked for): every script
 imports it.
@@ -11,8 +11,10 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +107,24 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def median_rate(
+    search: Callable[[Any], Any], queries: Sequence, batch: int, repeats: int, min_time: float
+) -> float:
+    """Queries per second of `search(batch_of_queries)`, `batch` queries per call: the median of
+    `repeats` timed runs of at least `min_time` seconds each, after one warm-up call."""
+    batches = [queries[i : i + batch] for i in range(0, len(queries) - batch + 1, batch)]
+    search(batches[0])  # warm-up
+    rates = []
+    for _ in range(repeats):
+        done, start, i = 0, time.perf_counter(), 0
+        while True:
+            search(batches[i % len(batches)])
+            done += batch
+            i += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        rates.append(done / elapsed)
+    return statistics.median(rates)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.common import RESULTS, command, machine, write_json
+from benchmarks.common import RESULTS, command, machine, median_rate, write_json
 
 K = 10
 
@@ -63,6 +62,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.synthetic import clustered_vectors as synthetic  # noqa: E402
+from benchmarks.synthetic import random_centres  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -85,24 +85,6 @@ class NumpyBruteForce:
         top_scores = np.take_along_axis(scores, top, 1)
         order = np.argsort(-top_scores, axis=1)
         return np.take_along_axis(top_scores, order, 1), np.take_along_axis(top, order, 1)
-
-
-def qps(index, queries: np.ndarray, batch: int) -> float:
-    """Queries per second with `batch` queries per call: median of timed runs of >= min-time."""
-    batches = [queries[i : i + batch] for i in range(0, len(queries) - batch + 1, batch)]
-    index.search(batches[0], K)  # warm-up
-    rates = []
-    for _ in range(ARGS.repeats):
-        done, start, i = 0, time.perf_counter(), 0
-        while True:
-            index.search(batches[i % len(batches)], K)
-            done += batch
-            i += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= ARGS.min_time:
-                break
-        rates.append(done / elapsed)
-    return statistics.median(rates)
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
@@ -155,7 +137,12 @@ def run_size(n: int, centres: np.ndarray, queries: np.ndarray) -> list[dict]:
             "build_s": round(build_s, 3),
             "index_bytes": size,
             "rss_delta_bytes": rss,
-            "qps": {str(b): qps(index, queries, b) for b in ARGS.batches},
+            "qps": {
+                str(b): median_rate(
+                    lambda q, ix=index: ix.search(q, K), queries, b, ARGS.repeats, ARGS.min_time
+                )
+                for b in ARGS.batches
+            },
             "_ids": ids,
         }
         rows.append(row)
@@ -193,9 +180,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     faiss.omp_set_num_threads(ARGS.threads)
-    rng = np.random.default_rng(12345)
-    centres = rng.standard_normal((1000, ARGS.dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres = random_centres(1000, ARGS.dim)
     queries = synthetic(ARGS.queries, ARGS.dim, seed=1, centres=centres)
     started = time.perf_counter()
     rows = []

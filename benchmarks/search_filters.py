@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 from datetime import UTC, datetime
+
+from benchmarks.common import median_rate
 
 K = 10
 FRACTION = 0.1  # the share of items a filter matches, and of items deleted
@@ -54,24 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=None, help="output JSON (default: results/search_filters)")
     return p.parse_args(argv)
-
-
-def rate(search, queries, batch: int, repeats: int, min_time: float) -> float:
-    """Queries per second of `search(batch_of_queries)`: median of timed runs."""
-    batches = [queries[i : i + batch] for i in range(0, len(queries) - batch + 1, batch)]
-    search(batches[0])  # warm-up
-    rates = []
-    for _ in range(repeats):
-        done, start, i = 0, time.perf_counter(), 0
-        while True:
-            search(batches[i % len(batches)])
-            done += batch
-            i += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        rates.append(done / elapsed)
-    return statistics.median(rates)
 
 
 def exact_ids(np, data, allowed, queries) -> list[set[int]]:
@@ -109,7 +92,7 @@ def run_index(args, np, package, factory, params, data, labels, folders, queries
         index.search(queries[:1], K, **filters)
         first_ms = (time.perf_counter() - start) * 1000
         qps = {
-            str(b): rate(
+            str(b): median_rate(
                 lambda q, f=filters: index.search(q, K, **f),
                 queries,
                 b,
@@ -174,16 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from benchmarks.common import RESULTS, command, machine, write_json
-    from benchmarks.synthetic import clustered_vectors
+    from benchmarks.synthetic import clustered_vectors, random_centres
     from embedserve.package import load_package
 
     faiss.omp_set_num_threads(args.threads)
     package = load_package(None)
     if package.embedding_dim != args.dim:
         raise SystemExit(f"--dim {args.dim}: the default model makes {package.embedding_dim}-d")
-    rng = np.random.default_rng(12345)
-    centres = rng.standard_normal((1000, args.dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres = random_centres(1000, args.dim)
     queries = clustered_vectors(args.queries, args.dim, seed=1, centres=centres)
     started = time.perf_counter()
     rows = []

@@ -59,6 +59,12 @@ def jpegs(n: int, size: int = 160, quality: int = 80, seed: int = 0) -> list[byt
     return out
 
 
+def random_centres(n: int, dim: int, seed: int = 12345) -> np.ndarray:
+    """n random unit vectors: the centres `clustered_vectors` scatters points around."""
+    centres = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
+
+
 def clustered_vectors(
     n: int, dim: int, seed: int, centres: np.ndarray, chunk: int = 100_000
 ) -> np.ndarray:

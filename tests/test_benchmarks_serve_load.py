@@ -115,6 +115,14 @@ def test_check_answer_counts_rows_and_their_size():
     check_answer(json.dumps([[0, 1], [1, 0]]).encode(), 2)  # a BentoML API's array answer
 
 
+def _short_load(url: str, files: list[bytes]):
+    """One second of load at concurrency 2, one file per request, to `url`/embed."""
+    bodies = [multipart_body([f]) for f in files]
+    return asyncio.run(
+        run_point(url + "/embed", bodies, content_type(), 1, 2, duration=1.0, warmup=0.3)
+    )
+
+
 @pytest.mark.slow
 def test_the_bentoml_docs_service_embeds_as_the_package_does(tmp_path):
     """The baseline (c) serves the same model: its rows match the package's fp32 embeddings of
@@ -140,17 +148,7 @@ def test_the_bentoml_docs_service_embeds_as_the_package_does(tmp_path):
         )
         with urllib.request.urlopen(request, timeout=60) as r:
             served = np.array(json.loads(r.read()), dtype=np.float32)
-        point = asyncio.run(
-            run_point(
-                server.url + "/embed",
-                [multipart_body([f]) for f in files],
-                content_type(),
-                images_per_request=1,
-                concurrency=2,
-                duration=1.0,
-                warmup=0.3,
-            )
-        )
+        point = _short_load(server.url, files)
         assert point.errors == 0 and point.requests > 0
     encoder = Encoder(package, variant="fp32", device="cpu", intra_op_threads=1)
     expected = encoder.embed(preprocess_batch(files, card_preprocess(package.card)))
@@ -182,17 +180,7 @@ def test_naive_server_answers_embed_and_the_load_generator_drives_it(tmp_path):
         assert z.shape == (2, 512)
         np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
 
-        point = asyncio.run(
-            run_point(
-                server.url + "/embed",
-                [multipart_body([f]) for f in files],
-                content_type(),
-                images_per_request=1,
-                concurrency=2,
-                duration=1.0,
-                warmup=0.3,
-            )
-        )
+        point = _short_load(server.url, files)
         assert point.errors == 0 and point.requests > 0
         assert point.p50_ms <= point.p99_ms
         pid = server.proc.pid
