@@ -1,9 +1,10 @@
-"""The `embedserve` command line: build and search FAISS indexes, evaluate an encoder.
+"""The `embedserve` command line: build and search indexes (FAISS or Milvus), evaluate an encoder.
 
     embedserve index build  --images photos/ --out indexes/photos [--factory HNSW32]
     embedserve index add    --index indexes/photos --images more-photos/ [--replace]
     embedserve index delete --index indexes/photos [--id 12 ...] [--path photos/a.jpg ...]
     embedserve index info   --index indexes/photos
+    embedserve index migrate --from indexes/photos --to http://milvus:19530   (or photos.db)
     embedserve search       --index indexes/photos query.jpg [-k 10] [--json]
                             [--label cats ...] [--path-prefix photos/] [--min-score 0.5]
     embedserve search       --index indexes/photos --id 12   (more like item 12)
@@ -33,11 +34,14 @@ from embedserve.cli_common import (
 )
 from embedserve.cli_eval import cmd_eval
 from embedserve.imagefolder import ImageFolderError
-from embedserve.index import DEFAULT_FACTORY, SearchIndex, SearchIndexError
+from embedserve.index_backend import create_index, is_milvus, milvus_settings, open_index
+from embedserve.index_format import DEFAULT_FACTORY, SearchIndexError
 from embedserve.package import PackageError
 from embedserve.preprocess import ImageDecodeError
 
 # -- index ------------------------------------------------------------------------------------
+
+INDEX_HELP = "the index: a folder (FAISS), a *.db file (Milvus Lite) or an http(s):// URI (Milvus)"
 
 
 def _search_parameters(args: argparse.Namespace) -> dict[str, int]:
@@ -50,17 +54,20 @@ def _search_parameters(args: argparse.Namespace) -> dict[str, int]:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if (out / "CURRENT").exists() and not args.overwrite:
+    out = args.out
+    if not is_milvus(out) and (Path(out) / "CURRENT").exists() and not args.overwrite:
         raise UsageError(
             f"{out} already holds an index: pass --overwrite to replace it, or use "
             f"`embedserve index add` to add images to it"
         )
     encoder = make_encoder(args, args.model)
-    index = SearchIndex.create(encoder.package, args.factory, _search_parameters(args))
     images, result = embed_folder(args, encoder, args.images)
     if len(result.ok) == 0:
         raise UsageError(f"{args.images}: none of the images could be decoded")
+    # a Milvus collection is created now (refused when one exists, unless --overwrite)
+    index = create_index(
+        out, encoder.package, args.factory, _search_parameters(args), overwrite=args.overwrite
+    )
     kept = result.ok.tolist()
     index.add(
         result.embeddings,
@@ -69,12 +76,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         thumbnails=result.thumbnails,
     )
     version = index.save(out)
-    print(f"wrote {index!r} to {out} ({version.name})")
+    print(f"wrote {index!r} to {out}" + (f" ({version.name})" if version else ""))
     return 0
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    index = SearchIndex.load(args.index)
+    index = open_index(args.index)
     encoder = make_encoder(args, args.model or index.manifest["model"]["name"])
     index.check_model(encoder.package, where=args.index)
     images, result = embed_folder(args, encoder, args.images)
@@ -94,7 +101,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _added(index: SearchIndex, added: Any) -> tuple[list[int], list[int]]:
+def _added(index: Any, added: Any) -> tuple[list[int], list[int]]:
     """The new ids and the replaced ones, from SearchIndex.add's answer (an AddResult, or the
     ids with the replaced ones in `index.last_replaced`)."""
     if hasattr(added, "ids"):
@@ -107,7 +114,7 @@ def cmd_index_delete(args: argparse.Namespace) -> int:
         raise UsageError("nothing to delete: give --id N and/or --path P (each repeatable)")
     if any(i < 0 for i in args.id):
         raise UsageError(f"--id must be a non-negative integer, got {min(args.id)}")
-    index = SearchIndex.load(args.index)
+    index = open_index(args.index)
     # a path as given, and the absolute path `index build/add` stored for the same file
     forms = {p: list(dict.fromkeys([p, str(Path(p).resolve())])) for p in args.path}
     result = index.delete(
@@ -118,7 +125,8 @@ def cmd_index_delete(args: argparse.Namespace) -> int:
     print(
         f"deleted {len(result.deleted)} items from {args.index}"
         + (f" (ids {', '.join(map(str, result.deleted))})" if result.deleted else "")
-        + f"; it now holds {len(index)} ({Path(version).name})"
+        + f"; it now holds {len(index)}"
+        + (f" ({Path(version).name})" if version else "")
     )
     for i in result.missing_ids:
         print(f"embedserve: no live item with id {i} in {args.index}", file=sys.stderr)
@@ -128,8 +136,39 @@ def cmd_index_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    index = SearchIndex.load(args.index)
-    print(json.dumps(index.manifest, indent=2))
+    index = open_index(args.index)
+    print(json.dumps({**index.manifest, "count": len(index)}, indent=2))
+    return 0
+
+
+def cmd_index_migrate(args: argparse.Namespace) -> int:
+    if is_milvus(args.source) or not (Path(args.source) / "CURRENT").exists():
+        raise UsageError(f"--from {args.source}: not a FAISS index folder")
+    if not is_milvus(args.to):
+        raise UsageError(
+            f"--to {args.to}: give a Milvus Lite file (*.db) or a Milvus server's URI "
+            "(http://HOST:19530)"
+        )
+    from embedserve.index_migrate import migrate  # pymilvus is imported only when it is used
+
+    report = migrate(
+        args.source,
+        args.to,
+        factory=args.factory,
+        overwrite=args.overwrite,
+        sample=args.sample,
+        min_overlap=args.min_overlap,
+        **milvus_settings(),
+    )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    print(
+        f"migrated {report.items} items ({report.thumbnails} thumbnails) from {args.source} to "
+        f"{args.to} collection {report.collection!r} ({report.factory}) in {report.seconds} s; "
+        f"checked: {report.target_items} items there, {report.rows_equal}/{report.sampled} "
+        f"sampled items equal, their searches agree on {report.overlap:.0%} of the top 10"
+    )
     return 0
 
 
@@ -152,7 +191,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if (args.id is None) == (not args.images):
         raise UsageError("give query IMAGE files, or --id N of a stored item, not both")
     filters = _filters(args)
-    index = SearchIndex.load(args.index)
+    index = open_index(args.index)
     if args.id is not None:
         if index.item(args.id) is None:
             raise UsageError(f"--id {args.id}: no live item with this id in {args.index}")
@@ -218,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         "folder none) and write a FAISS index with its metadata to --out, atomically.",
     )
     build.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    build.add_argument("--out", required=True, help="index folder to write")
+    build.add_argument(
+        "--out",
+        required=True,
+        help="the index to write: a folder (FAISS), a *.db file (Milvus Lite) or an http(s):// "
+        "URI (a Milvus server; collection: EMBEDSERVE_MILVUS_COLLECTION)",
+    )
     build.add_argument(
         "--factory",
         default=DEFAULT_FACTORY,
@@ -237,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed more images into an existing index (existing ids do not change)",
         description="Append the images under --images to an index; new items get the next ids.",
     )
-    add.add_argument("--index", required=True, help="index folder")
+    add.add_argument("--index", required=True, help=INDEX_HELP)
     add.add_argument("--images", required=True, help="folder of images to add")
     add.add_argument(
         "--replace",
@@ -256,16 +300,45 @@ def build_parser() -> argparse.ArgumentParser:
         "save the index compacted: their vectors and thumbnails are gone. Ids are never reused. "
         "Exit code 2 (after deleting the others) when an id or path matches no live item.",
     )
-    delete.add_argument("--index", required=True, help="index folder")
+    delete.add_argument("--index", required=True, help=INDEX_HELP)
     delete.add_argument(
         "--id", type=int, action="append", default=[], help="an item's id (repeatable)"
     )
     delete.add_argument("--path", action="append", default=[], help="a stored path (repeatable)")
     delete.set_defaults(func=cmd_index_delete)
 
-    info = index_commands.add_parser("info", help="print an index's manifest")
-    info.add_argument("--index", required=True, help="index folder")
+    info = index_commands.add_parser("info", help="print an index's manifest and size")
+    info.add_argument("--index", required=True, help=INDEX_HELP)
     info.set_defaults(func=cmd_index_info)
+
+    migrate = index_commands.add_parser(
+        "migrate",
+        help="copy a FAISS index folder into Milvus and check the copy",
+        description="Copy every item of a FAISS index folder (id, vector, path, label, thumbnail) "
+        "into a new Milvus collection bound to the same model, then check it: equal counts, a "
+        "sample of equal items, and the sample's searches finding the same top 10. The collection "
+        "and token: EMBEDSERVE_MILVUS_COLLECTION (default embedserve), EMBEDSERVE_MILVUS_TOKEN.",
+    )
+    migrate.add_argument("--from", dest="source", required=True, help="FAISS index folder")
+    migrate.add_argument(
+        "--to", required=True, help="Milvus Lite file (*.db) or Milvus URI (http://HOST:19530)"
+    )
+    migrate.add_argument(
+        "--factory",
+        default=None,
+        help="the collection's index, as a factory string: Flat, HNSW<M>, IVF<n>,Flat, IVF<n>,SQ8, "
+        "IVF<n>,PQ<m> (default: the folder's)",
+    )
+    migrate.add_argument("--overwrite", action="store_true", help="replace an existing collection")
+    migrate.add_argument("--sample", type=int, default=50, help="items checked after the copy (50)")
+    migrate.add_argument(
+        "--min-overlap",
+        type=float,
+        default=0.9,
+        help="fail when the sampled searches share less of their top 10 than this (0.9)",
+    )
+    migrate.add_argument("--json", action="store_true", help="print the report as JSON")
+    migrate.set_defaults(func=cmd_index_migrate)
 
     search = commands.add_parser(
         "search",
@@ -275,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--path-prefix and --min-score keep only the items that match (on a Flat index, the "
         "exact top k of those). The server's /search gives the same answer.",
     )
-    search.add_argument("--index", required=True, help="index folder")
+    search.add_argument("--index", required=True, help=INDEX_HELP)
     search.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
     search.add_argument(
         "--id", type=int, default=None, help="search by this stored item instead (more like it)"

@@ -28,6 +28,7 @@ DEVICES = ("auto", "cuda", "cpu")
 # The longer side of the index's thumbnails in pixels (embedserve.thumbnails): default and limit.
 DEFAULT_THUMBNAIL_SIZE = 128
 MAX_THUMBNAIL_SIZE = 1024
+DEFAULT_MILVUS_COLLECTION = "embedserve"
 VARIANTS = ("auto", "fp32", "fp16", "int8")
 
 
@@ -64,7 +65,12 @@ class ServeConfig:
     # Longest time an idle model waits for more requests to join a batch (BentoML's dispatcher
     # learns the wait; this caps it). Under load, batches form while the model is busy.
     max_batch_wait_ms: int = 5
-    index: str | None = None  # a FAISS index directory for /search; None: /search answers 409
+    # The search index (embedserve.index_backend): a FAISS index folder, a Milvus Lite file
+    # (*.db) or a Milvus server's URI (http(s)://...); None: /search answers 409.
+    index: str | None = None
+    # With Milvus: the collection, and the token ("user:password" or an API key) if it needs one.
+    milvus_collection: str = DEFAULT_MILVUS_COLLECTION
+    milvus_token: str | None = field(default=None, repr=False)
     # Limits on what a client may send.
     max_images_per_request: int = 64
     max_request_bytes: int = 64 * 1024 * 1024

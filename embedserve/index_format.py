@@ -61,6 +61,10 @@ class IndexBusyError(SearchIndexError):
     """Another process already appends to this index's write-ahead log."""
 
 
+class IndexUnavailableError(SearchIndexError):
+    """A Milvus index that could not be reached or refused a call (a 503 from the server)."""
+
+
 class ItemNotFound(SearchIndexError, KeyError):
     """No live item has this id (never added, or deleted). Also a KeyError."""
 

@@ -242,6 +242,9 @@ class MetadataStore:
     def is_live(self, item_id: int) -> bool:
         return 0 <= item_id < self.next_id and bool(self._live[item_id])
 
+    def live_ids(self) -> np.ndarray:
+        return np.flatnonzero(self._live[: self.next_id]).astype(np.int64)
+
     def rows(self, ids: Iterable[int]) -> dict[int, Row]:
         """(path, label) by id, fetching only these ids from the saved rows."""
         rows: dict[int, Row] = {}

@@ -136,6 +136,21 @@ class IndexReads:
         with self._lock.read():
             return self._meta.label_counts()
 
+    def live_ids(self) -> np.ndarray:
+        """The ids of the live items, ascending (int64)."""
+        with self._lock.read():
+            return self._meta.live_ids()
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of live items, float32 [N, D] (as FAISS reconstructs them:
+        approximate for compressed indexes); KeyError for an id of no live item."""
+        with self._lock.read():
+            dead = [int(i) for i in ids if not self._meta.is_live(int(i))]
+            if dead:
+                raise ItemNotFound(f"no live items with ids {dead[:10]}")
+            rows = [index_ids.reconstruct(self.index, int(i)) for i in ids]
+        return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+
     def metadata(self, ids: Sequence[int]) -> list[tuple[str | None, str | None]]:
         """(path, label) of each id; KeyError for an id of no live item."""
         ids = [int(i) for i in ids]

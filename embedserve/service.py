@@ -32,14 +32,13 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import bentoml
 from fastapi import Request
 from starlette.responses import Response
 
-from embedserve import __version__, bentoml_fixes
+from embedserve import __version__, bentoml_fixes, index_backend
 from embedserve.config import ServeConfig, load_config, unknown_variables
 from embedserve.http.app import create_app
 from embedserve.http.auth import check_api_key
@@ -76,11 +75,8 @@ CONFIG: ServeConfig = load_config()
 # A missing model or a bad card stops `bentoml serve` here, at once (reading a card is cheap).
 _PACKAGES = load_packages(CONFIG)
 _PACKAGE = _PACKAGES[0]  # the default model
-if CONFIG.index and not Path(CONFIG.index).is_dir():
-    raise FileNotFoundError(
-        f"EMBEDSERVE_INDEX={CONFIG.index}: no such index directory (build one with "
-        "`embedserve index build --images DIR --out INDEX_DIR`)"
-    )
+if CONFIG.index:  # checked, not opened: only the worker that serves may open a Milvus Lite file
+    index_backend.check_location(CONFIG.index, CONFIG.workers)
 # A model file modified or truncated on disk, or device=cuda without CUDA, stops the server
 # here with the reason, instead of each worker failing on it and being restarted forever.
 check_packages(_PACKAGES, CONFIG)

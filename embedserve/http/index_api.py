@@ -30,12 +30,14 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
+from embedserve import index_backend
 from embedserve.config import ServeConfig
 from embedserve.http.auth import check_api_key
 from embedserve.http.errors import ClientError
 from embedserve.http.fields import parse_bool, parse_filters, parse_item_id, parse_targets
 from embedserve.http.forms import client_name, parse_k, parse_metadata, read_images
 from embedserve.http.schemas import json_response
+from embedserve.index_format import IndexUnavailableError
 
 logger = logging.getLogger("bentoml.embedserve")
 
@@ -58,10 +60,13 @@ def index_writes_off_reason(cfg: ServeConfig) -> str | None:
         )
     if not cfg.index:
         return "no search index is configured (EMBEDSERVE_INDEX)"
-    if cfg.workers != 1:
-        # each worker holds its own copy of the index: changes through one would be
-        # invisible to the others
-        return f"changing the index needs EMBEDSERVE_WORKERS=1 (this server runs {cfg.workers})"
+    if cfg.workers != 1 and not index_backend.is_milvus(cfg.index):
+        # each worker holds its own copy of a FAISS index: changes through one would be
+        # invisible to the others (a Milvus collection is one, shared by all)
+        return (
+            f"changing a FAISS index needs EMBEDSERVE_WORKERS=1 (this server runs "
+            f"{cfg.workers}); a Milvus index (EMBEDSERVE_INDEX=http://...) takes any number"
+        )
     return None
 
 
@@ -89,9 +94,9 @@ class IndexEndpoints:
         error when none is), and open its log when this worker is its one writer."""
         if not config.index:
             return cls(config, models, None, None, decode_pool)
-        from embedserve.index import SearchIndex  # faiss is imported only when it is used
-
-        index = SearchIndex.load(config.index)
+        index = index_backend.open_index(  # faiss or pymilvus imported only now
+            config.index, collection=config.milvus_collection, token=config.milvus_token
+        )
         built_with = index.manifest["model"]["name"]
         model = built_with if built_with in models.names else models.names[0]
         index.check_model(models.get(model).package, where=str(config.index))  # no stranger
@@ -118,6 +123,7 @@ class IndexEndpoints:
             return None
         return {
             "path": str(self.config.index),
+            "backend": index_backend.kind(self.config.index),
             "size": len(self.index),
             "model": self.index.manifest.get("model"),
             "served_model": self.index_model,
@@ -166,7 +172,13 @@ class IndexEndpoints:
         )
 
     async def _in(self, pool: Executor, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except IndexUnavailableError as e:  # a Milvus server that is down or refused the call
+            logger.error("index unavailable: %s", e)
+            raise ClientError(
+                503, f"the index could not be reached: {e}; retry", reason="index_unavailable"
+            ) from None
 
     # -- reading -----------------------------------------------------------------------------
 
