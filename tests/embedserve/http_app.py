@@ -195,22 +195,27 @@ class FakeModels:
         return self.model
 
 
+def item_vectors(n: int) -> np.ndarray:
+    """The vectors `index_app` stores, in order."""
+    x = np.random.default_rng(0).normal(size=(n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def index_app(folder, items: int = 0, **settings) -> tuple[FastAPI, object]:
-    """create_app + the index's routes over a real Flat SearchIndex of DIM dimensions saved in
-    `folder` (its log open: changes are durable), with `items` random vectors (paths
-    "img/<i>.png", labels "even"/"odd", a thumbnail each: png(i)), and a FakeModel. The API
-    key is KEY unless `settings` say otherwise. Returns (app, index)."""
-    from embedserve.index import SearchIndex
+    """create_app + the index's routes over a real Flat index of DIM dimensions at `folder` (a
+    folder: a SearchIndex, saved, its log open, so changes are durable; a *.db: Milvus Lite),
+    with `items` random vectors (`item_vectors`; paths "img/<i>.png", labels "even"/"odd", a
+    thumbnail each: png(i)), and a FakeModel. The API key is KEY unless `settings` say
+    otherwise. Returns (app, index)."""
+    from embedserve.index_backend import create_index
 
     cfg = ServeConfig(**{"api_key": KEY, "index": str(folder), **settings})
     app = create_app(cfg)
     install_index_routes(app, cfg.max_images_per_request)
     models = FakeModels()
-    index = SearchIndex.create(models.model.package, "Flat")
+    index = create_index(folder, models.model.package, "Flat")
     if items:
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(items, DIM)).astype(np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x = item_vectors(items)
         paths = [f"img/{i}.png" for i in range(items)]
         labels = ["even" if i % 2 == 0 else "odd" for i in range(items)]
         index.add(x, paths, labels, thumbnails=[make_thumbnail(image(i)) for i in range(items)])
