@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from embedserve import index_backend
 from embedserve.config import unknown_variables
 
 kubernetes_validate = pytest.importorskip(
@@ -109,3 +110,11 @@ def test_every_setting_in_the_manifests_is_one_embedserve_reads():
     names |= {e["name"] for c in _containers() for e in c.get("env", [])}
     assert names and all(n.startswith("EMBEDSERVE_") for n in names)
     assert unknown_variables(dict.fromkeys(names, "x")) == []
+
+
+def test_the_replicas_share_a_milvus_index_and_keep_its_token_secret():
+    objects = _objects()
+    config = objects["ConfigMap/embedserve"]["data"]
+    assert index_backend.kind(config["EMBEDSERVE_INDEX"]) == "milvus"  # a server, not a file
+    assert "EMBEDSERVE_MILVUS_TOKEN" in objects["Secret/embedserve"]["stringData"]
+    assert not any("TOKEN" in n or "KEY" in n for n in config)  # secrets stay in the Secret

@@ -83,6 +83,22 @@ def test_the_api_key_is_never_shown():
     assert ServeConfig().public()["auth"] == "open"
 
 
+def test_milvus_settings_are_read_and_the_token_never_shown():
+    env = {
+        "EMBEDSERVE_INDEX": "http://milvus:19530",
+        "EMBEDSERVE_MILVUS_COLLECTION": "photos",
+        "EMBEDSERVE_MILVUS_TOKEN": "root:t0ken-t0ken",
+    }
+    cfg = load_config(environ=env)
+    assert (cfg.index, cfg.milvus_collection, cfg.milvus_token) == (
+        "http://milvus:19530",
+        "photos",
+        "root:t0ken-t0ken",
+    )
+    assert "t0ken" not in repr(cfg) and "t0ken" not in str(cfg.public())
+    assert ServeConfig().milvus_collection == "embedserve" and unknown_variables(env) == []
+
+
 def test_a_short_api_key_is_refused_without_repeating_it():
     with pytest.raises(ConfigError, match="at least 16 characters, not 6") as error:
         load_config(environ={"EMBEDSERVE_API_KEY": "abc123"})
