@@ -342,10 +342,11 @@ class MilvusIndex:
         thumbnails: Sequence[bytes | None] | None = None,
         replace: bool = False,
         ids: Sequence[int] | None = None,
-    ) -> AddResult:
-        """Insert vectors [N, D] with their paths, labels and thumbnails; returns their ids and,
-        with `replace`, the ids of the items stored under the same paths, deleted after the
-        insert. `ids` (a migration's) are used as given instead of fresh ones."""
+    ) -> np.ndarray:
+        """Insert vectors [N, D] with their paths, labels and thumbnails; returns their ids
+        (int64 [N]). With `replace`, the items stored under the same paths are deleted after
+        the insert (their ids: `last_replaced`). `ids` (a migration's) are used as given
+        instead of fresh ones."""
         x = self._check(embeddings)
         n = len(x)
         paths = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
@@ -375,7 +376,7 @@ class MilvusIndex:
             if replaced:
                 self._client.delete(self.collection, ids=replaced)
         self.last_replaced = replaced
-        return AddResult(new, replaced)
+        return new
 
     def _fresh_ids(self, n: int) -> np.ndarray:
         for _ in range(5):
@@ -385,7 +386,18 @@ class MilvusIndex:
                 return ids
         raise SearchIndexError("could not draw unused ids in 5 tries")  # not seen in practice
 
-    add_durable = add  # Milvus makes every insert durable itself
+    def add_durable(
+        self,
+        embeddings: np.ndarray,
+        paths: Sequence[str | None] | None = None,
+        labels: Sequence[str | None] | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
+        replace: bool = False,
+    ) -> AddResult:
+        """`add`, as the server calls it (Milvus makes every insert durable itself): the ids
+        and the replaced ids."""
+        ids = self.add(embeddings, paths, labels, thumbnails, replace)
+        return AddResult(ids, self.last_replaced)
 
     def delete(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> DeleteResult:
         """Delete items by id and by path (a path: every item stored with it)."""

@@ -60,7 +60,7 @@ def filled(request, tmp_path):
     where = location(tmp_path, request.param)
     index = index_backend.create_index(where, package())
     added = index.add(vectors(N), PATHS, LABELS, thumbnails=[thumb(i) for i in range(N)])
-    ids = [int(i) for i in getattr(added, "ids", added)]
+    ids = [int(i) for i in added]
     yield index, where, ids
     if hasattr(index, "close"):
         index.close()
@@ -158,9 +158,8 @@ def test_replace_swaps_the_items_under_the_same_paths(filled):
     index, where, ids = filled
     new = vectors(2, seed=77)
     added = index.add(new, [PATHS[1], PATHS[2]], ["new", "new"], replace=True)
-    new_ids = [int(i) for i in getattr(added, "ids", added)]
-    replaced = getattr(added, "replaced", getattr(index, "last_replaced", None))
-    assert sorted(replaced) == sorted([ids[1], ids[2]])
+    new_ids = [int(i) for i in added]
+    assert sorted(index.last_replaced) == sorted([ids[1], ids[2]])
     assert not set(new_ids) & set(ids)  # never reused
     current = reopen(index, where)
     assert len(current) == N
@@ -217,7 +216,7 @@ def test_milvus_approximate_indexes_find_each_item(tmp_path):
     where = location(tmp_path, "milvus")
     for factory, params in [("HNSW16", {"efSearch": 32}), ("IVF4,Flat", {"nprobe": 4})]:
         index = index_backend.create_index(where, package(), factory, params, overwrite=True)
-        ids = index.add(vectors(N)).ids
+        ids = index.add(vectors(N))
         assert hit_ids(index.search(vectors(N)[:1], 20)[0])[0] == ids[0]
         index.close()
         assert index_backend.open_index(where).manifest["search_parameters"] == params

@@ -48,7 +48,7 @@ def test_every_live_item_goes_over_with_its_id_row_thumbnail_and_searches(folder
         [h["id"] for h in r] for r in src.search(q, 10, labels=["dog"])
     ]
     # new additions get fresh ids above every migrated one
-    assert dst.add(vectors(1, seed=9)).ids[0] > N
+    assert dst.add(vectors(1, seed=9))[0] > N
     dst.close()
 
 
