@@ -359,3 +359,37 @@ def test_eval_linear_without_scikit_learn_says_what_to_install(
     assert main(argv) == 2
     assert "pip install 'embedserve[eval]'" in capsys.readouterr().err
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_every_index_command_works_on_milvus_lite_with_the_folders_answers(
+    built_index, image_folder, tmp_path, capsys
+):
+    """build / info / search / search --id / add --replace / delete on a *.db answer as on the
+    FAISS folder built from the same images (the ids differ: Milvus's are time-based)."""
+    db = str(tmp_path / "photos.db")
+    train = str(image_folder / "train")
+    assert main(["index", "build", "--images", train, "--out", db, *ENGINE]) == 0
+    assert "MilvusIndex" in capsys.readouterr().out
+    assert main(["index", "info", "--index", db]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["count"] == 96 and info["backend"] == "milvus" and info["factory"] == "Flat"
+    query = [str(image_folder / "val" / "class_2" / "000.png")]
+    labels = ["--label", "class_0", "--label", "class_3"]
+    for extra in ((), labels):
+        on_milvus = search_json(capsys, Path(db), query, k=8, extra=extra)[0]["hits"]
+        on_faiss = search_json(capsys, built_index, query, k=8, extra=extra)[0]["hits"]
+        assert [h["path"] for h in on_milvus] == [h["path"] for h in on_faiss]
+        assert [h["score"] for h in on_milvus] == pytest.approx([h["score"] for h in on_faiss])
+    first = on_milvus[0]
+    by_id = search_json(capsys, Path(db), [], k=3, extra=["--id", str(first["id"])])[0]["hits"]
+    assert len(by_id) == 3 and first["id"] not in [h["id"] for h in by_id]
+    extra = write_image_folder(tmp_path / "extra", num_classes=1, per_class=2, seed=9)
+    add = ["index", "add", "--index", db, "--images", str(extra), *ENGINE]
+    assert main(add) == 0 and main([*add, "--replace"]) == 0
+    assert "replacing 2 with the same paths" in capsys.readouterr().out
+    delete = ["index", "delete", "--index", db, "--id", str(first["id"]), "--path", "/no.png"]
+    assert main(delete) == 2  # one missing path: exit 2 after deleting the rest
+    out, err = capsys.readouterr()
+    assert "deleted 1 items" in out and "it now holds 97" in out and "/no.png" in err
+    assert main(["index", "build", "--images", train, "--out", db, *ENGINE]) == 2
+    assert "already has a collection" in capsys.readouterr().err
