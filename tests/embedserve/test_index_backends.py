@@ -19,8 +19,7 @@ N = 60
 BACKENDS = ["faiss", "milvus"]
 # paths with what a Milvus expression or LIKE would misread: wildcards, quotes, a backslash
 PATHS = [
-    ["a%b/", "a_b/", 'q"x/', "a\\b/", "plain/", "plain/sub/"][i % 6] + f"{i}.png"
-    for i in range(N)
+    ["a%b/", "a_b/", 'q"x/', "a\\b/", "plain/", "plain/sub/"][i % 6] + f"{i}.png" for i in range(N)
 ]
 LABELS = [["cat", "dog", "bird", None][i % 4] for i in range(N)]
 
