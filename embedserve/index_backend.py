@@ -57,10 +57,21 @@ def exists(location: str | os.PathLike) -> bool:
     return True
 
 
-def check_location(location: str | os.PathLike, workers: int) -> None:
-    """What the server checks before its workers start (without opening the index: only the
-    worker that serves may hold a Milvus Lite file)."""
+def check_location(
+    location: str | os.PathLike,
+    workers: int,
+    collection: str | None = None,
+    token: str | None = None,
+) -> None:
+    """What the server checks before its workers start, so that a wrong setting stops it with
+    the reason instead of failing in every worker: a folder or a Milvus Lite file exists (not
+    opened: only the worker that serves may hold the file), a Milvus server answers and has
+    the collection."""
     match kind(location):
+        case "milvus":
+            from embedserve.index_milvus import MilvusIndex
+
+            MilvusIndex.open(str(location), **milvus_settings(collection, token)).close()
         case "faiss" if not Path(location).is_dir():
             raise FileNotFoundError(
                 f"EMBEDSERVE_INDEX={location}: no such index directory (build one with "

@@ -76,7 +76,9 @@ CONFIG: ServeConfig = load_config()
 _PACKAGES = load_packages(CONFIG)
 _PACKAGE = _PACKAGES[0]  # the default model
 if CONFIG.index:  # checked, not opened: only the worker that serves may open a Milvus Lite file
-    index_backend.check_location(CONFIG.index, CONFIG.workers)
+    index_backend.check_location(
+        CONFIG.index, CONFIG.workers, CONFIG.milvus_collection, CONFIG.milvus_token
+    )
 # A model file modified or truncated on disk, or device=cuda without CUDA, stops the server
 # here with the reason, instead of each worker failing on it and being restarted forever.
 check_packages(_PACKAGES, CONFIG)

@@ -226,6 +226,8 @@ def test_an_unreachable_milvus_server_is_an_index_unavailable_error():
 
     with pytest.raises(IndexUnavailableError, match="127.0.0.1:1"):
         index_backend.open_index("http://127.0.0.1:1")
+    with pytest.raises(IndexUnavailableError, match="127.0.0.1:1"):  # the server's check
+        index_backend.check_location("http://127.0.0.1:1", workers=4)
 
 
 def test_a_milvus_lite_file_needs_one_worker(tmp_path):

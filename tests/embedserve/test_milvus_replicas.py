@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from embedserve import index_backend
+from embedserve.index_format import SearchIndexError
 from tests.conftest import make_pattern, write_image_folder
 from tests.embedserve.server import REPO, Server, free_port, running
 
@@ -74,6 +76,7 @@ def servers(milvus, tmp_path_factory):
         running({**env, "EMBEDSERVE_WORKERS": "2"}, root / "a.log") as a,
         running(env, root / "b.log") as b,
     ):
+        a.env_index = b.env_index = milvus
         yield a, b
 
 
@@ -111,6 +114,9 @@ def add(server, image: bytes, path: str, replace: bool = False) -> dict:
 
 def test_both_servers_change_the_index_with_any_number_of_workers(servers):
     a, b = servers
+    index_backend.check_location(a.env_index, workers=2)  # what `bentoml serve` checks
+    with pytest.raises(SearchIndexError, match="no collection 'absent'"):
+        index_backend.check_location(a.env_index, workers=2, collection="absent")
     for srv, workers in ((a, 2), (b, 1)):
         info = httpx.get(srv.url + "/info", headers=AUTH, timeout=10).json()
         assert info["index"]["backend"] == "milvus" and info["index"]["size"] == 12
