@@ -86,8 +86,8 @@ def check_location(
             raise SearchIndexError(
                 f"EMBEDSERVE_INDEX={location} is a Milvus Lite file, which only one process can "
                 f"open, and EMBEDSERVE_WORKERS={workers}: serve it with one worker, or run "
-                f"`milvus-lite server --data-dir DIR` and set EMBEDSERVE_INDEX=http://HOST:19530 "
-                "(any number of workers and servers share it)"
+                f"`milvus-lite server --data-dir {location}` and set "
+                "EMBEDSERVE_INDEX=http://HOST:19530 (any number of workers and servers share it)"
             )
 
 

@@ -99,8 +99,17 @@ class MilvusIndex:
         # one and uses the client's clock, which is what a scan of the labels needs anyway.
         logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 
-        with _reached(uri):
-            return MilvusClient(uri=uri, token=token or "")
+        try:
+            with _reached(uri):
+                return MilvusClient(uri=uri, token=token or "")
+        except IndexUnavailableError as e:
+            if not uri.endswith(".db"):
+                raise
+            raise IndexUnavailableError(
+                f"{e}: is another process using this Milvus Lite file (a server)? A file opens "
+                "in one process only: stop it, or serve it with `milvus-lite server --data-dir "
+                f"{uri}` and use that server's http:// URI from every process"
+            ) from e
 
     @classmethod
     def create(

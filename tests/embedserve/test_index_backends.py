@@ -230,6 +230,24 @@ def test_an_unreachable_milvus_server_is_an_index_unavailable_error():
         index_backend.check_location("http://127.0.0.1:1", workers=4)
 
 
+def test_a_milvus_lite_file_open_elsewhere_is_refused_saying_why(tmp_path):
+    import subprocess
+    import sys
+
+    where = location(tmp_path, "milvus")
+    index = index_backend.create_index(where, package())
+    try:
+        other = subprocess.run(
+            [sys.executable, "-m", "embedserve.cli", "index", "info", "--index", where],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        index.close()
+    assert other.returncode == 2 and "another process using this Milvus Lite file" in other.stderr
+
+
 def test_a_milvus_lite_file_needs_one_worker(tmp_path):
     where = tmp_path / "idx.db"
     where.mkdir()
