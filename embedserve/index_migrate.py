@@ -80,6 +80,7 @@ def migrate(
                 paths, labels = zip(*rows, strict=True) if rows else ((), ())
                 dst.add(src.vectors(chunk), list(paths), list(labels), jpegs, ids=chunk)
                 bar.update(len(chunk))
+        dst.save()  # the last rows flushed: the checks and the first searches run on segments
         report = MigrationReport(
             str(source),
             target,

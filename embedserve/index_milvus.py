@@ -54,6 +54,11 @@ from embedserve.milvus_schema import (
 from embedserve.package import ModelPackage
 
 CHUNK = 500  # rows per insert call (a row with its thumbnail is ~10 kB; gRPC allows 64 MB)
+# Rows added by this process before it asks Milvus to flush them into a sealed segment. Milvus
+# Lite keeps unflushed rows in a memtable that every search copies into Python: 10^5 of them
+# cost 1.6 s per search, and after a flush 0.03-0.05 s (512-d; docs/benchmarks.md). A flush
+# takes about 0.1 ms per row. Milvus asks for flushes to be rare: one per 4,096 rows is.
+FLUSH_ROWS = 4096
 THUMB_PART = 60_000  # base64 characters per element of the thumbnail array (VARCHAR <= 65,535)
 OUTPUT = ["path", "label"]
 
@@ -88,6 +93,7 @@ class MilvusIndex:
         self._client, self.uri, self.collection, self.manifest = client, uri, collection, manifest
         self._search_params = search_parameters(manifest["factory"], manifest["search_parameters"])
         self.last_replaced: list[int] = []
+        self.unflushed = 0  # rows this process added since its last flush
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -384,6 +390,9 @@ class MilvusIndex:
                 self._client.insert(self.collection, rows[i : i + CHUNK])
             if replaced:
                 self._client.delete(self.collection, ids=replaced)
+        self.unflushed += n
+        if self.unflushed >= FLUSH_ROWS:
+            self.flush()
         self.last_replaced = replaced
         return new
 
@@ -440,8 +449,17 @@ class MilvusIndex:
     def close_log(self) -> None:
         """Nothing to close."""
 
+    def flush(self) -> None:
+        """Seal the rows added since the last flush into a segment (searched fast)."""
+        with _reached(self.uri):
+            self._client.flush(self.collection)
+        self.unflushed = 0
+
     def save(self, path: Any = None) -> None:
-        """Nothing to write: every change is in Milvus when its call returns."""
+        """Every change is durable in Milvus when its call returns; this flushes the rows
+        added since the last flush (FLUSH_ROWS), as the command line does when it is done."""
+        if self.unflushed:
+            self.flush()
 
     def compact(self) -> int:
         """Milvus compacts its segments itself; returns 0."""

@@ -196,6 +196,27 @@ def test_milvus_ids_grow_and_stay_exact_in_javascript(tmp_path):
     assert first[-1] < 2**53 and first[0] > 10**12  # far above a migrated FAISS index's ids
 
 
+def test_milvus_flushes_every_flush_rows_additions_and_on_save(tmp_path, monkeypatch):
+    from embedserve import index_milvus
+
+    monkeypatch.setattr(index_milvus, "FLUSH_ROWS", 10)
+    index = index_backend.create_index(location(tmp_path, "milvus"), package())
+    flushes = []
+    real_flush = index._client.flush
+    monkeypatch.setattr(index._client, "flush", lambda c: (flushes.append(c), real_flush(c)))
+    ids = np.concatenate([index.add(vectors(8, seed=s)) for s in range(3)])  # 8, 16, 24 rows
+    assert flushes == ["embedserve"] and index.unflushed == 8  # at 16; 8 since
+    index.save("ignored")
+    assert flushes == ["embedserve"] * 2 and index.unflushed == 0
+    index.save("ignored")  # nothing new: no flush
+    assert len(flushes) == 2 and len(index) == 24
+    found = [
+        row[0]["id"] for row in index.search(np.concatenate([vectors(8, s) for s in range(3)]), 1)
+    ]
+    assert found == ids.tolist()
+    index.close()
+
+
 def test_milvus_refuses_what_it_cannot_hold(tmp_path):
     where = location(tmp_path, "milvus")
     with pytest.raises(SearchIndexError, match="no Milvus equivalent"):
