@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,8 @@ def milvus(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # SIGINT stops it cleanly; a job started without job control inherits it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -54,8 +57,12 @@ def milvus(tmp_path_factory):
                 raise RuntimeError((root / "milvus.log").read_text()[-3000:]) from None
             time.sleep(0.5)
     yield uri
-    proc.terminate()
-    proc.wait(timeout=20)
+    proc.send_signal(signal.SIGINT)  # its clean stop (it writes out its memtable); SIGTERM kills
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     log.close()
 
 
