@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedserve.config import DEFAULT_MILVUS_COLLECTION as DEFAULT_COLLECTION
 from embedserve.index_format import CURRENT_FILE, DEFAULT_FACTORY, SearchIndexError
-from embedserve.package import ModelPackage
+
+if TYPE_CHECKING:  # a type only: the index's modules load no model (nor onnxruntime)
+    from embedserve.package import ModelPackage
 
 COLLECTION_ENV = "EMBEDSERVE_MILVUS_COLLECTION"
 TOKEN_ENV = "EMBEDSERVE_MILVUS_TOKEN"

@@ -30,10 +30,12 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedserve import __version__
-from embedserve.package import ModelPackage
+
+if TYPE_CHECKING:  # a type only: the index's modules load no model (nor onnxruntime)
+    from embedserve.package import ModelPackage
 
 FORMAT = "embedserve-index"
 FORMAT_VERSION = 2
