@@ -2,7 +2,8 @@
 and /docs answered without the key, and the page driven in a real headless Chromium (Debian's
 `chromium` and `chromium-driver`, which `make test` installs where they are missing): the key
 asked for, a photo uploaded through the file input, k thumbnails, "more like this", the label
-filter, the k selector, a server error shown; a screenshot kept in docs/images/search-page.png.
+filter, the k selector, a server error shown; with UPDATE_SCREENSHOTS=1, the screenshot in
+docs/images/search-page.png rewritten.
 
 The index is built with the command line from procedurally drawn scenes, one folder per label.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import shutil
 import time
@@ -358,7 +360,10 @@ def jpeg_base64(path: Path) -> str:
 
 
 def save_screenshot(drv) -> None:
-    """The page as it is, reduced to a palette PNG (~100 KB) for the docs."""
+    """The page as it is, reduced to a palette PNG (~100 KB) for the docs: written only with
+    UPDATE_SCREENSHOTS=1, so that a test run leaves the repository as it found it."""
+    if os.environ.get("UPDATE_SCREENSHOTS") != "1":
+        return
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
