@@ -85,7 +85,9 @@ def _families(max_batch_size: int, registry: Any = None) -> dict[str, Any]:
             ["model", "status", "reason"],
             registry=reg,
         ),
-        # every worker holds the same index (additions need one worker): the live maximum
+        # every worker serves the same index (a FAISS folder: additions need one worker; a
+        # Milvus collection: shared, each worker reports the size after its own changes): the
+        # live maximum
         "index_size": pc.Gauge(
             "embedserve_index_size",
             "images in the served index",

@@ -89,7 +89,8 @@ def install_index_routes(app: FastAPI, max_images: int) -> None:
         localhost:3000/index/add`
 
         Needs EMBEDSERVE_API_KEY (without one, 403: changing the index is off),
-        EMBEDSERVE_INDEX and one worker."""
+        EMBEDSERVE_INDEX and, with a FAISS index folder, one worker (a Milvus index takes
+        any number)."""
         return await endpoints(request).add(request)
 
     @app.post(
