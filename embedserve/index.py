@@ -67,7 +67,7 @@ from embedserve.index_format import (
 from embedserve.index_ids import build_faiss_index, set_search_parameters
 from embedserve.index_log import DELETE, WriteAheadLog, log_for_save, read_log
 from embedserve.index_meta import MetadataStore
-from embedserve.index_search import IndexReads
+from embedserve.index_search import IndexReads, prepare_items
 from embedserve.index_versions import read_version, write_version
 from embedserve.package import ModelPackage
 from embedserve.rwlock import ReadWriteLock
@@ -253,21 +253,7 @@ class SearchIndex(IndexReads):
     # -- adding and deleting ----------------------------------------------------------------
 
     def _prepare(self, embeddings, paths, labels, thumbnails):
-        x = self._check_embeddings(embeddings)
-        n = len(x)
-        paths = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
-        labels = [None] * n if labels is None else [None if v is None else str(v) for v in labels]
-        thumbs = (
-            [None] * n
-            if thumbnails is None
-            else [None if t is None else bytes(t) for t in thumbnails]
-        )
-        if not len(paths) == len(labels) == len(thumbs) == n:
-            raise ValueError(
-                f"{n} embeddings but {len(paths)} paths, {len(labels)} labels and "
-                f"{len(thumbs)} thumbnails"
-            )
-        return x, paths, labels, thumbs
+        return prepare_items(embeddings, self.dim, paths, labels, thumbnails)
 
     def _replaced_by(self, paths: Sequence[str | None]) -> list[int]:
         found = self._meta.live_ids_by_path({p for p in paths if p is not None})

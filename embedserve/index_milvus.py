@@ -43,6 +43,7 @@ from embedserve.index_format import (
     check_model,
     new_manifest,
 )
+from embedserve.index_search import check_embeddings, prepare_items
 from embedserve.milvus_schema import (
     ID_EPOCH_MS,
     PROPERTY,
@@ -225,14 +226,6 @@ class MilvusIndex:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _check(self, embeddings: np.ndarray) -> np.ndarray:
-        x = np.asarray(embeddings)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"embeddings must be [N, {self.dim}], got {list(x.shape)}")
-        if not np.isfinite(x).all():
-            raise ValueError("embeddings must be finite")
-        return np.ascontiguousarray(x, dtype=np.float32)
-
     def search(
         self,
         embeddings: np.ndarray,
@@ -248,7 +241,7 @@ class MilvusIndex:
         the matching items only: on a FLAT collection the exact top k of them)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        x = self._check(embeddings)
+        x = check_embeddings(embeddings, self.dim)
         if len(x) == 0:
             return []
         expression = filter_expression(labels, path_prefix, exclude_ids)
@@ -362,16 +355,8 @@ class MilvusIndex:
         (int64 [N]). With `replace`, the items stored under the same paths are deleted after
         the insert (their ids: `last_replaced`). `ids` (a migration's) are used as given
         instead of fresh ones."""
-        x = self._check(embeddings)
+        x, paths, labels, thumbs = prepare_items(embeddings, self.dim, paths, labels, thumbnails)
         n = len(x)
-        paths = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
-        labels = [None] * n if labels is None else [None if v is None else str(v) for v in labels]
-        thumbs = [None] * n if thumbnails is None else list(thumbnails)
-        if not len(paths) == len(labels) == len(thumbs) == n:
-            raise ValueError(
-                f"{n} embeddings but {len(paths)} paths, {len(labels)} labels and "
-                f"{len(thumbs)} thumbnails"
-            )
         old = self.ids_by_path([p for p in paths if p is not None]) if replace else {}
         replaced = sorted({i for found in old.values() for i in found})
         new = np.asarray(ids, np.int64) if ids is not None else self._fresh_ids(n)

@@ -21,6 +21,37 @@ from embedserve.index_meta import MetadataStore
 from embedserve.rwlock import ReadWriteLock
 
 
+def check_embeddings(embeddings: np.ndarray, dim: int) -> np.ndarray:
+    """Query or stored vectors as float32 [N, dim], C-contiguous (a copy only when needed;
+    never mutated); ValueError for another shape or a non-finite value."""
+    x = np.asarray(embeddings)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"embeddings must be [N, {dim}], got {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings must be finite")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def prepare_items(
+    embeddings: np.ndarray, dim: int, paths: Any, labels: Any, thumbnails: Any
+) -> tuple[np.ndarray, list, list, list]:
+    """The vectors (check_embeddings) and one path, label and thumbnail per vector (text or
+    None, bytes or None; None for all when not given); ValueError when the counts differ."""
+    x = check_embeddings(embeddings, dim)
+    n = len(x)
+    paths = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
+    labels = [None] * n if labels is None else [None if v is None else str(v) for v in labels]
+    thumbs = (
+        [None] * n if thumbnails is None else [None if t is None else bytes(t) for t in thumbnails]
+    )
+    if not len(paths) == len(labels) == len(thumbs) == n:
+        raise ValueError(
+            f"{n} embeddings but {len(paths)} paths, {len(labels)} labels and "
+            f"{len(thumbs)} thumbnails"
+        )
+    return x, paths, labels, thumbs
+
+
 class IndexReads:
     """Searches and lookups over `self.index` (FAISS) and `self._meta` (MetadataStore)."""
 
@@ -30,12 +61,7 @@ class IndexReads:
     dim: int
 
     def _check_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
-        x = np.asarray(embeddings)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"embeddings must be [N, {self.dim}], got {list(x.shape)}")
-        if not np.isfinite(x).all():
-            raise ValueError("embeddings must be finite")
-        return np.ascontiguousarray(x, dtype=np.float32)  # a copy only when needed; never mutated
+        return check_embeddings(embeddings, self.dim)
 
     def search(
         self,
