@@ -34,7 +34,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,38 @@ class DeleteResult:
     deleted: list[int] = field(default_factory=list)
     missing_ids: list[int] = field(default_factory=list)
     missing_paths: list[str] = field(default_factory=list)
+
+
+def resolve_delete(
+    ids: Sequence[int] | int,
+    paths: Sequence[str] | str,
+    live: Callable[[list[int]], set[int]],
+    by_path: Callable[[list[str]], dict[str, list[int]]],
+) -> DeleteResult:
+    """What deleting `ids` and `paths` deletes (each live id, every live item of each path; in
+    order, once) and what names nothing, given the backend's `live` (the live ones of some
+    ids) and `by_path` (the live ids of each path); ValueError for an id that is no integer."""
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    paths = [paths] if isinstance(paths, str) else [str(p) for p in paths]
+    for i in ids:
+        if isinstance(i, bool) or int(i) != i:
+            raise ValueError(f"ids are integers, not {i!r}")
+    alive = live(list(dict.fromkeys(int(i) for i in ids)))
+    result = DeleteResult()
+    chosen: dict[int, None] = {}  # ordered, unique
+    for i in map(int, ids):
+        if i in alive:
+            chosen.setdefault(i)
+        else:
+            result.missing_ids.append(i)
+    found = by_path(paths)
+    for path in paths:
+        if not found[path]:
+            result.missing_paths.append(path)
+        for i in found[path]:
+            chosen.setdefault(i)
+    result.deleted = list(chosen)
+    return result
 
 
 class SearchIndex(IndexReads):
@@ -305,25 +337,8 @@ class SearchIndex(IndexReads):
         return result
 
     def _resolve_delete(self, ids: Sequence[int], paths: Sequence[str]) -> DeleteResult:
-        ids = [ids] if isinstance(ids, int) else ids
-        paths = [paths] if isinstance(paths, str) else [str(p) for p in paths]
-        result = DeleteResult()
-        chosen: dict[int, None] = {}  # ordered, unique
-        for i in ids:
-            if isinstance(i, bool) or int(i) != i:
-                raise ValueError(f"ids are integers, not {i!r}")
-            if self._meta.is_live(int(i)):
-                chosen.setdefault(int(i))
-            else:
-                result.missing_ids.append(int(i))
-        found = self._meta.live_ids_by_path(paths)
-        for path in paths:
-            if not found[path]:
-                result.missing_paths.append(path)
-            for i in found[path]:
-                chosen.setdefault(i)
-        result.deleted = list(chosen)
-        return result
+        live = lambda wanted: {i for i in wanted if self._meta.is_live(i)}  # noqa: E731
+        return resolve_delete(ids, paths, live, self._meta.live_ids_by_path)
 
     def _apply_delete(self, ids: list[int]) -> None:
         if ids:

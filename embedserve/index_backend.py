@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedserve.config import DEFAULT_MILVUS_COLLECTION as DEFAULT_COLLECTION
-from embedserve.index_format import CURRENT_FILE, DEFAULT_FACTORY, SearchIndexError
+from embedserve.index_format import DEFAULT_FACTORY, SearchIndexError
 
 if TYPE_CHECKING:  # a type only: the index's modules load no model (nor onnxruntime)
     from embedserve.package import ModelPackage
@@ -46,17 +46,6 @@ def milvus_settings(collection: str | None = None, token: str | None = None) -> 
         "collection": collection or os.environ.get(COLLECTION_ENV) or DEFAULT_COLLECTION,
         "token": token if token is not None else os.environ.get(TOKEN_ENV),
     }
-
-
-def exists(location: str | os.PathLike) -> bool:
-    """Whether something is there to open: a FAISS folder with a version, a Milvus Lite file
-    (a server's collections are only known by asking it: True)."""
-    match kind(location):
-        case "faiss":
-            return (Path(location) / CURRENT_FILE).exists()
-        case "milvus-lite":
-            return Path(location).exists()
-    return True
 
 
 def check_location(

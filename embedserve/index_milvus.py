@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from embedserve.config import DEFAULT_MILVUS_COLLECTION as DEFAULT_COLLECTION
-from embedserve.index import AddResult, DeleteResult
+from embedserve.index import AddResult, DeleteResult, resolve_delete
 from embedserve.index_format import (
     DEFAULT_FACTORY,
     IndexUnavailableError,
@@ -85,7 +85,6 @@ def _pieces(jpeg: bytes | None) -> list[str]:
 class MilvusIndex:
     """One Milvus collection of one model's embeddings, with paths, labels and thumbnails."""
 
-    backend = "milvus"
     replayed = 0  # no write-ahead log to replay: Milvus keeps its own
     replayed_deletions = 0
     log_size = 0
@@ -212,10 +211,6 @@ class MilvusIndex:
         with _reached(self.uri):
             rows = self._client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
-
-    @property
-    def ntotal(self) -> int:
-        return len(self)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -404,21 +399,8 @@ class MilvusIndex:
 
     def delete(self, ids: Sequence[int] = (), paths: Sequence[str] = ()) -> DeleteResult:
         """Delete items by id and by path (a path: every item stored with it)."""
-        ids = [ids] if isinstance(ids, int) else list(ids)
-        paths = [paths] if isinstance(paths, str) else [str(p) for p in paths]
-        for i in ids:
-            if isinstance(i, bool) or int(i) != i:
-                raise ValueError(f"ids are integers, not {i!r}")
-        wanted = list(dict.fromkeys(int(i) for i in ids))
-        stored = {int(r["id"]) for r in self._get(wanted, [])}
-        result = DeleteResult(missing_ids=[i for i in wanted if i not in stored])
-        chosen = dict.fromkeys(i for i in wanted if i in stored)
-        found = self.ids_by_path(paths)
-        for path in paths:
-            if not found[path]:
-                result.missing_paths.append(path)
-            chosen.update(dict.fromkeys(found[path]))
-        result.deleted = list(chosen)
+        live = lambda wanted: {int(r["id"]) for r in self._get(wanted, [])}  # noqa: E731
+        result = resolve_delete(ids, paths, live, self.ids_by_path)
         if result.deleted:
             with _reached(self.uri):
                 self._client.delete(self.collection, ids=result.deleted)
@@ -431,9 +413,6 @@ class MilvusIndex:
     def open_log(self, folder: Any) -> None:
         """Nothing to open: Milvus logs every change itself."""
 
-    def close_log(self) -> None:
-        """Nothing to close."""
-
     def flush(self) -> None:
         """Seal the rows added since the last flush into a segment (searched fast)."""
         with _reached(self.uri):
@@ -445,10 +424,6 @@ class MilvusIndex:
         added since the last flush (FLUSH_ROWS), as the command line does when it is done."""
         if self.unflushed:
             self.flush()
-
-    def compact(self) -> int:
-        """Milvus compacts its segments itself; returns 0."""
-        return 0
 
 
 @contextmanager
