@@ -116,6 +116,7 @@ def training_record(ck: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> d
         "equivalent_command": equivalent_command(asdict(cfg)),
         # training/recipes/*.toml: the file that holds every option of the run (path, sha256)
         "recipe": cfg.extra.get("recipe"),
+        **reproduction(cfg.extra.get("recipe"), ck.get("init_from")),
         "best_knn_during_training": ck.get("best_knn", {}),
         "torch_version": ck.get("torch_version"),
         "checkpoint": {"path": str(checkpoint), "sha256": pkg.sha256_file(checkpoint)},
@@ -124,6 +125,17 @@ def training_record(ck: dict[str, Any], cfg: TrainConfig, checkpoint: Path) -> d
         "total_epochs": int(ck.get("epoch", 0)) + pkg.lineage_epochs(ck.get("init_from")),
         # benchmarks.experiments.average: the encoder averages these checkpoints' encoders
         **({"averaged_from": ck["averaged_from"]} if ck.get("averaged_from") else {}),
+    }
+
+
+def reproduction(recipe: dict | None, init_from: dict | None) -> dict[str, str]:
+    """A card's `reproduction` where no recipe reproduces the model: a run continuing another
+    encoder (--init-from) reruns only as the whole chain of its stages."""
+    if recipe or not init_from:
+        return {}
+    return {
+        "reproduction": "no single recipe reproduces this model: it continues the encoder in "
+        "init_from (a chain of schedules), each stage recorded in that source's own card"
     }
 
 

@@ -18,7 +18,7 @@ from embedserve import package as pkg
 from embedserve.preprocess import preprocess_batch
 from training import card as card_module
 from training import export
-from training.card import equivalent_command
+from training.card import equivalent_command, reproduction
 from training.config import TrainConfig
 from training.export import export_package
 from training.export_checks import TOLERANCES, ExportRefused
@@ -259,6 +259,14 @@ def test_the_equivalent_command_rebuilds_the_configuration():
     args.pop("resume"), args.pop("recipe")
     rebuilt = TrainConfig(**{**args, "progress": fixres.progress}).resolved()
     assert asdict(rebuilt) == asdict(fixres.resolved())
+
+
+def test_a_card_says_when_no_single_recipe_reproduces_its_model():
+    recipe = {"path": "training/recipes/x.toml", "sha256": "0" * 64}
+    source = {"kind": "package", "name": "earlier", "epochs": 7, "total_epochs": 7}
+    assert reproduction(recipe, None) == {} and reproduction(recipe, source) == {}
+    assert reproduction(None, None) == {}  # a run from random weights: its command reruns it
+    assert "no single recipe" in reproduction(None, source)["reproduction"]
 
 
 @pytest.mark.slow

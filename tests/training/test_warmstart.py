@@ -162,6 +162,7 @@ def test_a_run_started_from_a_package_records_it_and_resumes_without_it(
         assert record["init_from"]["model_sha256"] == sha256_file(pkg / "model.onnx")
         assert "command" not in record["init_from"] and "metrics" not in record["init_from"]
         assert record["epochs"] == 0 and record["total_epochs"] == 7  # 1 step of epoch 1
+        assert record["recipe"] is None and "no single recipe" in record["reproduction"]
 
         # the package may be gone (re-exported over) by the time the run is resumed
         shutil.rmtree(local)
