@@ -284,9 +284,6 @@ class SearchIndex(IndexReads):
 
     # -- adding and deleting ----------------------------------------------------------------
 
-    def _prepare(self, embeddings, paths, labels, thumbnails):
-        return prepare_items(embeddings, self.dim, paths, labels, thumbnails)
-
     def _replaced_by(self, paths: Sequence[str | None]) -> list[int]:
         found = self._meta.live_ids_by_path({p for p in paths if p is not None})
         return sorted({i for ids in found.values() for i in ids})
@@ -305,7 +302,7 @@ class SearchIndex(IndexReads):
 
         An index that needs training (IVF, PQ) is trained on the first vectors it is given.
         """
-        x, paths, labels, thumbs = self._prepare(embeddings, paths, labels, thumbnails)
+        x, paths, labels, thumbs = prepare_items(embeddings, self.dim, paths, labels, thumbnails)
         with self._writer:
             replaced = self._replaced_by(paths) if replace else []
             ids = self._apply_add(x, paths, labels, thumbs, replaced)
@@ -407,7 +404,7 @@ class SearchIndex(IndexReads):
         when this returns, and searchable at once. Searches run meanwhile see the index before
         or after the change (the old items or the new), never half of it."""
         log = self._need_log()
-        x, paths, labels, thumbs = self._prepare(embeddings, paths, labels, thumbnails)
+        x, paths, labels, thumbs = prepare_items(embeddings, self.dim, paths, labels, thumbnails)
         if not self.index.is_trained:
             raise SearchIndexError("the index is not trained yet: build it with images first")
         with self._writer:

@@ -60,9 +60,6 @@ class IndexReads:
     _lock: ReadWriteLock
     dim: int
 
-    def _check_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
-        return check_embeddings(embeddings, self.dim)
-
     def search(
         self,
         embeddings: np.ndarray,
@@ -82,7 +79,7 @@ class IndexReads:
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        x = self._check_embeddings(embeddings)
+        x = check_embeddings(embeddings, self.dim)
         with self._lock.read():
             return self._search(x, k, labels, path_prefix, min_score, exclude_ids)
 
@@ -137,7 +134,7 @@ class IndexReads:
     def search_ids(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The raw FAISS answer among the live items: scores float32 [N, k], ids int64 [N, k]
         (-1 where none)."""
-        x = self._check_embeddings(embeddings)
+        x = check_embeddings(embeddings, self.dim)
         with self._lock.read():
             flt = self._meta.filter()
             if flt is None:

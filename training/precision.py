@@ -70,7 +70,7 @@ def cpu_bf16_speedup(reps: int = 7) -> float:
     each precision, the two interleaved, and the median of the paired ratios taken: other work
     starting or stopping during the probe slows both sides of a pair alike (timed in two blocks,
     a probe beside an ending `embedserve eval` read 0.68 on a CPU that measures 1.3-1.5 alone).
-    0.2-0.3 s here, once per process. Uses its own random generator: the global RNG is untouched.
+    Under a second, once per process. Uses its own random generator: the global RNG is untouched.
     """
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(64, 64, 3, 3, generator=gen) / 24).requires_grad_()
