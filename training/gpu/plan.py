@@ -3,8 +3,9 @@
     python training/gpu/plan.py /tmp/gpu-plan      # prints EPOCHS=N (and how it got there)
 
 Environment: BUDGET (seconds for the whole training process, default 470), MIN_EPOCHS (10),
-MAX_EPOCHS (400), EVAL_EVERY (20), FULL_STEPS (steps per epoch of the real run: 147 for
-Imagenette train at batch 64), FULL_EVAL_IMAGES (bank + queries of its evaluations: 13,394).
+MAX_EPOCHS (400), EVAL_EVERY (20), FULL_STEPS (steps per epoch of the real run: 73 for
+Imagenette train at batch 128, the recipes' batch), FULL_EVAL_IMAGES (bank + queries of its
+evaluations: 13,394).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def records(path: Path) -> list[dict]:
 
 def plan(folder: Path, env: dict[str, str]) -> tuple[int, str]:
     budget = float(env.get("BUDGET", 470))
-    full_steps = int(env.get("FULL_STEPS", 147))
+    full_steps = int(env.get("FULL_STEPS", 73))
     full_eval = int(env.get("FULL_EVAL_IMAGES", 9469 + 3925))
     eval_every = int(env.get("EVAL_EVERY", 20))
     a = records(folder / "device-augment" / "metrics.jsonl")
