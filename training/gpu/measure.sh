@@ -7,13 +7,14 @@ python3 -c "import torch, torchvision, jsonschema; print('torch', torch.__versio
 echo "cores $(nproc)" | tee -a "$OUT/gpu.txt"
 t0=$(date +%s)
 timeout 150 python3 -m training.train --recipe "$RECIPE_FILE" --data "$DATA/train" --epochs 3 \
-    --eval-every 3 --device-augment --workers "$WORKERS" --ckpt-every-steps 0 --ckpt-every-epochs 3 --no-progress \
-    --out "$PLAN/device-augment" "$@" > "$OUT/measure-device-augment.log" 2>&1
+    --eval-every 3 --device-augment --workers "$WORKERS" --ckpt-every-steps 0 \
+    --ckpt-every-epochs 3 --no-progress --out "$PLAN/device-augment" "$@" \
+    > "$OUT/measure-device-augment.log" 2>&1
 echo "device-augment rc $?"
 t1=$(date +%s)
 timeout 90 python3 -m training.train --recipe "$RECIPE_FILE" --data "$DATA/train" --epochs 2 \
-    --eval-every 0 --no-device-augment --workers "$WORKERS" --ckpt-every-steps 0 --no-progress --out "$PLAN/workers" \
-    "$@" > "$OUT/measure-workers.log" 2>&1
+    --eval-every 0 --no-device-augment --workers "$WORKERS" --ckpt-every-steps 0 --no-progress \
+    --out "$PLAN/workers" "$@" > "$OUT/measure-workers.log" 2>&1
 echo "workers rc $?"
 t2=$(date +%s)
 echo "$((t1 - t0)) $((t2 - t1))" > "$PLAN/walls"

@@ -13,7 +13,8 @@ fi
 RUN=${RUN:-runs/gpu-$NAME}
 timeout $((${BUDGET:-86400} + 50)) torchrun --standalone --nproc-per-node "$GPUS" \
     -m training.train --recipe "$RECIPE_FILE" --device-augment --data "$DATA" \
-    --workers "$WORKERS" --ckpt-every-steps 0 --ckpt-every-epochs 10 --no-progress --out "$RUN" ${PLANNED[@]+"${PLANNED[@]}"} "$@" > "$OUT/train.log" 2>&1
+    --workers "$WORKERS" --ckpt-every-steps 0 --ckpt-every-epochs 10 --no-progress --out "$RUN" \
+    ${PLANNED[@]+"${PLANNED[@]}"} "$@" > "$OUT/train.log" 2>&1
 echo "train rc $?"
 tail -3 "$OUT/train.log"
 python3 -m training.checkpoint encoder "$RUN/checkpoint.pt" /tmp/encoder.pt
