@@ -116,6 +116,8 @@ def methods_markdown(rows: list[dict[str, Any]]) -> list[str]:
         method = METHOD_NAMES.get(r["method"], r["method"])
         if r["role"] != "equal budget":
             method += f" ({r['role']})"
+        elif r.get("default"):
+            method += " (equal budget; the shipped default)"
         lines.append(
             f"| {method} | {r['package']} | {source} | {pct(r.get('knn_k20'))} | {k200} | "
             f"{pct(r.get('recall@1'))} | {pct(r.get('map@r'))} | {pct(r.get('linear'))} | "

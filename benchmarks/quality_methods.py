@@ -154,7 +154,8 @@ def method_rows(
     comparison: list[dict[str, Any]], runs: dict[str, dict[str, Any]], rows: dict[str, dict]
 ) -> list[dict[str, Any]]:
     """A row per comparison run (from its recipe and committed log), then the shipped default
-    (models/DEFAULT), its stages the manifest's runs of its lineage."""
+    (models/DEFAULT), its stages the manifest's runs of its lineage; where the default is one of
+    the comparison runs, that row is marked `default` instead."""
     out = []
     for entry in comparison:
         recipe = tomllib.loads((ROOT / entry["recipe"]).read_text())
@@ -166,11 +167,19 @@ def method_rows(
         if out[-1]["resolution"] == "-":  # not started: the recipe's plan
             size = recipe["image_size"]
             out[-1]["resolution"] = resolution([(size, recipe.get("eval_size") or size, 0)])
+    for row in out:
+        row["default"] = False
     if (ROOT / "models" / "DEFAULT").exists():
         name = (ROOT / "models" / "DEFAULT").read_text().strip()
-        stages = [e for e in comparison if e["name"] == name] or lineage(name, runs)
+        for row in out:
+            if row["name"] == name:  # the default is an equal-budget run: marked, not repeated
+                row["default"] = True
+                return out
+        stages = lineage(name, runs)
         card = read_json(ROOT / "models" / name / "card.json") or {}
         method = card.get("method") or rows.get(name, {}).get("method", "?")
         init = rows.get(name, {}).get("random_init")
-        out.append(method_row(name, method, "shipped default", stages, None, init))
+        out.append(
+            method_row(name, method, "shipped default", stages, None, init) | {"default": True}
+        )
     return out

@@ -389,6 +389,25 @@ def test_the_default_row_sums_its_lineage_and_the_plot_is_written(tmp_path, monk
     assert [p["epoch"] for p in methods[0]["curve"]] == [5, 10, 15]
 
 
+def test_a_default_that_is_an_equal_budget_run_is_marked_on_its_row_not_repeated(
+    tmp_path, monkeypatch
+):
+    entries, rows = comparison(tmp_path, monkeypatch)
+    write_stretches(
+        tmp_path / "logs/byol.metrics.jsonl", "byol", [(EPYC, [(e, 60.0, 0.6) for e in (1, 2)])]
+    )
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/DEFAULT").write_text("byol\n")
+    methods = quality_methods.method_rows(entries, {}, rows)
+    assert [(r["name"], r["role"], r["default"]) for r in methods] == [
+        ("simsiam", "equal budget", False),
+        ("byol", "equal budget", True),
+    ]
+    md = "\n".join(quality_markdown.methods_markdown(methods))
+    assert "| BYOL (equal budget; the shipped default) | in progress: epoch 2 of 200 |" in md
+    assert "| SimSiam | not started |" in md
+
+
 def test_sync_logs_copies_a_longer_live_log_that_continues_the_committed_one(tmp_path, monkeypatch):
     entries, _ = comparison(tmp_path, monkeypatch)
     live = tmp_path / "runs/simsiam/metrics.jsonl"
