@@ -167,14 +167,11 @@ def method_rows(
         if out[-1]["resolution"] == "-":  # not started: the recipe's plan
             size = recipe["image_size"]
             out[-1]["resolution"] = resolution([(size, recipe.get("eval_size") or size, 0)])
-    for row in out:
-        row["default"] = False
-    if (ROOT / "models" / "DEFAULT").exists():
-        name = (ROOT / "models" / "DEFAULT").read_text().strip()
-        for row in out:
-            if row["name"] == name:  # the default is an equal-budget run: marked, not repeated
-                row["default"] = True
-                return out
+    default_file = ROOT / "models" / "DEFAULT"
+    name = default_file.read_text().strip() if default_file.exists() else None
+    for row in out:  # a default that is an equal-budget run is marked, not repeated
+        row["default"] = row["name"] == name
+    if name is not None and not any(row["default"] for row in out):
         stages = lineage(name, runs)
         card = read_json(ROOT / "models" / name / "card.json") or {}
         method = card.get("method") or rows.get(name, {}).get("method", "?")
