@@ -426,3 +426,13 @@ def test_sync_logs_copies_a_longer_live_log_that_continues_the_committed_one(tmp
     live.write_text('{"kind": "start", "other": 1}\n' * 5)
     with pytest.raises(ValueError, match="does not continue"):
         quality_sync.sync_logs(entries)
+    # a restarted run, still shorter than the lost one's committed log: refused, not skipped
+    live.write_text('{"kind": "start", "other": 1}\n')
+    with pytest.raises(ValueError, match="delete logs/simsiam.metrics.jsonl first"):
+        quality_sync.sync_logs(entries)
+    assert committed.read_text().count("\n") == 3  # the committed log is kept
+    committed.unlink()  # deleted on purpose: the restarted run's log replaces it
+    assert quality_sync.sync_logs(entries) == [
+        "synced logs/simsiam.metrics.jsonl from runs/simsiam/metrics.jsonl"
+    ]
+    assert committed.read_text() == '{"kind": "start", "other": 1}\n'
