@@ -158,7 +158,7 @@ def equivalent_command(config: dict[str, Any]) -> str:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, list):
+        elif isinstance(value, (list, tuple)):  # crop_scale is a tuple with no tuple default
             parts += [flag, *map(str, value)]
         else:
             parts += [flag, str(value)]

@@ -19,7 +19,7 @@ from embedserve.preprocess import preprocess_batch
 from training import card as card_module
 from training import export
 from training.card import equivalent_command, reproduction
-from training.config import TrainConfig
+from training.config import TrainConfig, load_recipe
 from training.export import export_package
 from training.export_checks import TOLERANCES, ExportRefused
 from training.models import EmbeddingGraph, Normalize, load_encoder
@@ -28,6 +28,8 @@ from training.train import build_parser
 from training.trainer import Trainer
 
 from .test_trainer import small_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FAST = {"parity_images": 8, "calibration_images": 16, "threads": 1, "log": lambda _: None}
 
@@ -259,6 +261,19 @@ def test_the_equivalent_command_rebuilds_the_configuration():
     args.pop("resume"), args.pop("recipe")
     rebuilt = TrainConfig(**{**args, "progress": fixres.progress}).resolved()
     assert asdict(rebuilt) == asdict(fixres.resolved())
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "training" / "recipes").glob("*.toml")))
+def test_the_equivalent_command_of_each_recipe_rebuilds_it(recipe):
+    """A shipped card's equivalent command, rebuilt from a recipe's configuration (tuple options
+    such as crop_scale included), parses back to the same configuration."""
+    options, _ = load_recipe(recipe)
+    cfg = TrainConfig(**options)
+    command = equivalent_command(asdict(cfg))
+    args = vars(build_parser().parse_args(shlex.split(command)[3:]))
+    args.pop("resume"), args.pop("recipe")
+    rebuilt = TrainConfig(**{**args, "progress": cfg.progress})
+    assert asdict(rebuilt.resolved()) == asdict(cfg.resolved()), command
 
 
 def test_a_card_says_when_no_single_recipe_reproduces_its_model():
