@@ -57,7 +57,8 @@ def test_every_package_loads_and_every_variant_embeds(name):
 @pytest.mark.parametrize("name", PACKAGES)
 def test_a_package_trained_from_a_recipe_names_the_committed_recipe_file(name):
     """training.recipe (path, sha256) points at the recipe in the repository, unchanged since the
-    run: rerunning it reproduces the run's schedule (the default, from chained stages, has none)."""
+    run: rerunning it reproduces the run's schedule (a package made by chained warm starts has
+    none, and its card says so)."""
     card = load_package(name, models_dir=MODELS).card
     record = card["training"].get("recipe")
     if record is None:  # a chain of warm starts: the card says so and where its stages are
