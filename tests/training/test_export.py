@@ -242,25 +242,26 @@ def test_the_command_line_replaces_a_package_only_when_told(trained, exported, t
     assert [p.name for p in target.parent.iterdir()] == ["copy"]  # nothing staged or set aside left
 
 
+def rebuilt(command: str, cfg: TrainConfig) -> TrainConfig:
+    """The resolved configuration that `python -m training.train` builds from `command`."""
+    args = vars(build_parser().parse_args(shlex.split(command)[3:]))
+    args.pop("resume"), args.pop("recipe")
+    return TrainConfig(**{**args, "progress": cfg.progress}).resolved()
+
+
 def test_the_equivalent_command_rebuilds_the_configuration():
     cfg = TrainConfig(
         method="byol", data="d", epochs=7, batch_size=32, lr=0.5, cifar_stem=True, knn_ks=(5,)
     )
     command = equivalent_command(asdict(cfg.resolved()))
-    args = vars(build_parser().parse_args(shlex.split(command)[3:]))
-    args.pop("resume"), args.pop("recipe")
-    rebuilt = TrainConfig(**{**args, "progress": cfg.progress}).resolved()
-    assert asdict(rebuilt) == asdict(cfg.resolved())
+    assert asdict(rebuilt(command, cfg)) == asdict(cfg.resolved())
     assert "--lr 0.5" in command and "--weight-decay" not in command  # only what was chosen
 
     # trained below the evaluation size: --eval-size is named, --eval-resize follows from it
     fixres = TrainConfig(method="barlow_twins", data="d", image_size=96, eval_size=128)
     command = equivalent_command(asdict(fixres.resolved()))
     assert "--eval-size 128" in command and "--eval-resize" not in command
-    args = vars(build_parser().parse_args(shlex.split(command)[3:]))
-    args.pop("resume"), args.pop("recipe")
-    rebuilt = TrainConfig(**{**args, "progress": fixres.progress}).resolved()
-    assert asdict(rebuilt) == asdict(fixres.resolved())
+    assert asdict(rebuilt(command, fixres)) == asdict(fixres.resolved())
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "training" / "recipes").glob("*.toml")))
@@ -270,10 +271,7 @@ def test_the_equivalent_command_of_each_recipe_rebuilds_it(recipe):
     options, _ = load_recipe(recipe)
     cfg = TrainConfig(**options)
     command = equivalent_command(asdict(cfg))
-    args = vars(build_parser().parse_args(shlex.split(command)[3:]))
-    args.pop("resume"), args.pop("recipe")
-    rebuilt = TrainConfig(**{**args, "progress": cfg.progress})
-    assert asdict(rebuilt.resolved()) == asdict(cfg.resolved()), command
+    assert asdict(rebuilt(command, cfg)) == asdict(cfg.resolved()), command
 
 
 def test_a_card_says_when_no_single_recipe_reproduces_its_model():
